@@ -1,0 +1,32 @@
+# The commands the README shows. `make demo` and `make test` set up the environment if needed.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CAI := $(VENV)/bin/cai
+PYTHON ?= python3
+
+.PHONY: setup demo test test-fast lint bench clean
+
+setup: $(VENV)/.installed
+
+# torch first: 2.13.0 is a CPU build; an unpinned torch would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: setup
+	$(CAI) run configs/smollm2-cpu.yaml --out runs/demo
+
+test: setup
+	$(PY) -m ruff check src tests bench
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not integration"
+
+bench: setup
+	$(PY) bench/generate.py
+
+clean:
+	rm -rf runs build dist .pytest_cache

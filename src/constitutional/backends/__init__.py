@@ -1,0 +1,1 @@
+"""Backends: where completions and log-probabilities come from (see ``base.Backend``)."""

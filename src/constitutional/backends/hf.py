@@ -1,0 +1,220 @@
+"""In-process transformers backend: batched sampling and scoring on CPU or GPU.
+
+Generation sorts the chats by prompt length, left-pads them into batches of ``batch_size``
+and calls ``model.generate`` once per batch, so similar lengths share a batch and little
+compute goes to padding. When all chats of a call start with the same tokens (the few-shot
+examples of stage 1, a shared system prompt), that prefix is run through the model once and
+its KV cache is copied into every batch, so the shared context costs one prefill, not one
+per chat. The model is loaded once per backend (once per stage).
+
+Seeds: with ``SamplingParams.seed`` set, batch ``i`` of a call is sampled after
+``torch.manual_seed(seed + i)``, so the same inputs give the same outputs on the same machine.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+
+from constitutional.backends.base import Chat, Completion, ProgressFn, SamplingParams, TokenLogprobs
+from constitutional.errors import CaiError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str = "auto") -> str:
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class HFBackend:
+    """A transformers causal LM behind the :class:`~constitutional.backends.base.Backend` protocol.
+
+    ``model`` is a local directory or hub id (resolve specs with ``models.resolve_model``);
+    pass an already loaded ``model_obj``/``tokenizer`` to share weights with a trainer.
+    """
+
+    def __init__(self, model: str, *, batch_size: int = 16, device: str = "auto",
+                 dtype: str = "float32", model_obj=None, tokenizer=None, name: str | None = None,
+                 min_shared_prefix: int = 32):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = pick_device(device)
+        self.batch_size = batch_size
+        self.min_shared_prefix = min_shared_prefix
+        self.name = name or str(model)
+        try:
+            self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
+            self.model = model_obj or AutoModelForCausalLM.from_pretrained(
+                model, dtype=_DTYPES[dtype])
+        except OSError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CaiError(f"model {model!r}: could not load: {first}") from None
+        self.model.to(self.device).eval()
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.stop_ids = _stop_token_ids(self.model, self.tokenizer)
+
+    # ------------------------------------------------------------------ text
+
+    def render(self, chat: Chat, add_generation_prompt: bool = True) -> str:
+        if self.tokenizer.chat_template:
+            return self.tokenizer.apply_chat_template(
+                chat, tokenize=False, add_generation_prompt=add_generation_prompt)
+        # A base model without a chat template: a plain transcript.
+        names = {"system": "System", "user": "Human", "assistant": "Assistant"}
+        text = "".join(f"{names[m['role']]}: {m['content']}\n\n" for m in chat)
+        return text + ("Assistant:" if add_generation_prompt else "")
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def count_tokens(self, chat: Chat) -> int:
+        return len(self._encode(self.render(chat)))
+
+    # ------------------------------------------------------------ generation
+
+    @torch.inference_mode()
+    def generate(self, chats: Sequence[Chat], params: SamplingParams,
+                 progress: ProgressFn | None = None) -> list[Completion]:
+        from transformers import GenerationConfig
+
+        encoded = [self._encode(self.render(chat)) for chat in chats]
+        order = sorted(range(len(chats)), key=lambda i: -len(encoded[i]))
+        sampling = params.temperature > 0
+        config = GenerationConfig(
+            max_new_tokens=params.max_new_tokens,
+            min_new_tokens=params.min_new_tokens or None,
+            do_sample=sampling,
+            temperature=params.temperature if sampling else None,
+            top_p=params.top_p if sampling else None,
+            top_k=0 if sampling else None,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.stop_ids,
+        )
+        prefix, prefix_cache = self._shared_prefix(encoded)
+        results: list[Completion | None] = [None] * len(chats)
+        for batch_index, start in enumerate(range(0, len(order), self.batch_size)):
+            rows = order[start:start + self.batch_size]
+            batch = self._pad_after_prefix([encoded[i] for i in rows], len(prefix))
+            kwargs = {}
+            if prefix_cache is not None:
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_repeat_interleave(len(rows))
+                kwargs["past_key_values"] = cache
+            if params.seed is not None:
+                torch.manual_seed(params.seed + batch_index)
+            out = self.model.generate(**batch, **kwargs, generation_config=config)
+            new = out[:, batch["input_ids"].shape[1]:].tolist()
+            batch_tokens = 0
+            for row, ids in zip(rows, new, strict=True):
+                n, finished = _cut_at_stop(ids, self.stop_ids)
+                batch_tokens += n
+                text = self.tokenizer.decode(ids[:n], skip_special_tokens=True).strip()
+                results[row] = Completion(text=text, tokens=n, finished=finished)
+            if progress is not None:
+                progress(len(rows), batch_tokens)
+        return results  # type: ignore[return-value]
+
+    def _shared_prefix(self, encoded: list[list[int]]):
+        """The token prefix all prompts share (few-shot examples, system prompt) and its KV cache.
+
+        Computing it once instead of once per chat is most of the prefill when the shared
+        context is long. Returns ([], None) when there is nothing worth sharing.
+        """
+        if len(encoded) < 2:
+            return [], None
+        shortest = min(len(e) for e in encoded)
+        n = 0
+        first = encoded[0]
+        while n < shortest - 1 and all(e[n] == first[n] for e in encoded):
+            n += 1
+        if n < self.min_shared_prefix:
+            return [], None
+        prefix = first[:n]
+        out = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True,
+                         logits_to_keep=1)
+        return prefix, out.past_key_values
+
+    def _pad_after_prefix(self, rows: list[list[int]], n_prefix: int) -> dict:
+        """Left-pad each row's part after the shared prefix: [prefix][pad ...][suffix].
+
+        Padding sits between the prefix and the suffix and is masked out; generate derives
+        position ids from the attention mask, so every token keeps its unpadded position.
+        """
+        pad = self.tokenizer.pad_token_id
+        width = max(len(r) for r in rows)
+        ids, mask = [], []
+        for r in rows:
+            gap = width - len(r)
+            ids.append(r[:n_prefix] + [pad] * gap + r[n_prefix:])
+            mask.append([1] * n_prefix + [0] * gap + [1] * (len(r) - n_prefix))
+        return {"input_ids": torch.tensor(ids, device=self.device),
+                "attention_mask": torch.tensor(mask, device=self.device)}
+
+    # --------------------------------------------------------------- scoring
+
+    @torch.inference_mode()
+    def logprobs(self, pairs: Sequence[tuple[str, str]]) -> list[TokenLogprobs]:
+        """Token log-probs of each continuation after its prompt, batched by length.
+
+        The prompt is tokenised alone and the continuation's tokens are those that the
+        tokenisation of ``prompt + continuation`` adds after it, so merges across the
+        boundary follow the model's own tokenizer whenever the prompt's tokens survive.
+        """
+        items = []
+        for prompt, continuation in pairs:
+            head = self._encode(prompt)
+            full = self._encode(prompt + continuation)
+            if full[:len(head)] != head:  # the boundary merged: tokenise the parts apart
+                full = head + self._encode(continuation)
+            if len(full) == len(head):
+                raise ValueError(f"empty continuation after prompt: {continuation!r}")
+            items.append((full, len(head)))
+        order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
+        results: list[TokenLogprobs | None] = [None] * len(items)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            batch = self.tokenizer.pad({"input_ids": [items[i][0] for i in rows]},
+                                       return_tensors="pt").to(self.device)
+            logits = self.model(**batch).logits.float()  # (batch, seq, vocab)
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            targets = batch["input_ids"][:, 1:]
+            token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (batch, seq-1)
+            width = batch["input_ids"].shape[1]
+            for j, row in enumerate(rows):
+                ids, n_head = items[row]
+                pad = width - len(ids)
+                # token t (position pad + t) is predicted at position pad + t - 1
+                span = token_logp[j, pad + n_head - 1: pad + len(ids) - 1].tolist()
+                toks = self.tokenizer.convert_ids_to_tokens(ids[n_head:])
+                results[row] = TokenLogprobs(tokens=toks, logprobs=span)
+        return results  # type: ignore[return-value]
+
+
+def _stop_token_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config else None
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def _cut_at_stop(ids: list[int], stop_ids: list[int]) -> tuple[int, bool]:
+    """Tokens up to and including the first stop token, and whether one was found.
+
+    >>> _cut_at_stop([5, 6, 2, 0, 0], [2])
+    (3, True)
+    >>> _cut_at_stop([5, 6, 7], [2])
+    (3, False)
+    """
+    for i, tok in enumerate(ids):
+        if tok in stop_ids:
+            return i + 1, True
+    return len(ids), False
+

@@ -1,0 +1,148 @@
+"""``cai``: one subcommand per stage, plus ``run`` for the whole pipeline.
+
+    cai run configs/smollm2-cpu.yaml --out runs/demo [--stages critique_revise] [--set k=v ...]
+    cai critique-revise [--config CONFIG] --out DIR [--set critique_revise.rounds=3 ...]
+    cai fetch-model [smollm2-135m-instruct]
+
+Bad input (a malformed constitution, a missing file, a wrong config key) prints one line,
+``cai: error: ...``, and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import platform
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from constitutional import __version__
+from constitutional.config import STAGES, PipelineConfig, load_config
+from constitutional.errors import CaiError
+from constitutional.records import write_json
+
+# stage name in configs -> (CLI subcommand, module)
+STAGE_MODULES = {"critique_revise": ("critique-revise", "constitutional.stages.critique_revise")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CaiError as e:
+        print(f"cai: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cai: interrupted; rows written so far are kept, rerun to resume", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cai", description="Constitutional AI, stage by stage.")
+    parser.add_argument("--version", action="version", version=f"constitutional {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the pipeline's stages in order and write manifest.json")
+    p.add_argument("config", help="pipeline YAML (e.g. configs/smollm2-cpu.yaml)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--stages", help=f"comma-separated subset of: {','.join(STAGES)}")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. critique_revise.rounds=3")
+    p.set_defaults(func=_cmd_run)
+
+    for stage, (command, module) in STAGE_MODULES.items():
+        doc = importlib.import_module(module).__doc__.strip().splitlines()[0]
+        p = sub.add_parser(command, help=doc, description=doc)
+        p.add_argument("--config", help="pipeline YAML (default: built-in defaults)")
+        p.add_argument("--out", required=True, help="run directory")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help=f"override a config field, e.g. {stage}.limit=8")
+        p.set_defaults(func=_cmd_stage, stage=stage)
+
+    p = sub.add_parser("fetch-model", help="download and convert an embedded model into the cache")
+    p.add_argument("name", nargs="?", default="smollm2-135m-instruct")
+    p.set_defaults(func=_cmd_fetch_model)
+    return parser
+
+
+def _cmd_stage(args) -> int:
+    config = load_config(args.config, args.set)
+    _run_stages(config, Path(args.out), [args.stage], args.config)
+    return 0
+
+
+def _cmd_run(args) -> int:
+    config = load_config(args.config, args.set)
+    stages = list(STAGES)
+    if args.stages:
+        stages = [s.strip().replace("-", "_") for s in args.stages.split(",") if s.strip()]
+        for s in stages:
+            if s not in STAGES:
+                raise CaiError(f"--stages: unknown stage {s!r} (stages: {', '.join(STAGES)})")
+    out = Path(args.out)
+    _run_stages(config, out, stages, args.config)
+    print(f"results: {out.resolve()}")
+    return 0
+
+
+def _cmd_fetch_model(args) -> int:
+    from constitutional.models import EMBEDDED, embedded_model_dir
+
+    if args.name not in EMBEDDED:
+        raise CaiError(f"fetch-model: unknown embedded model {args.name!r} (known: {', '.join(EMBEDDED)})")
+    print(embedded_model_dir(args.name))
+    return 0
+
+
+def _run_stages(config: PipelineConfig, out: Path, stages: list[str], config_path) -> None:
+    """Run stages in order, keeping ``out/manifest.json`` up to date after each one."""
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / "manifest.json"
+    manifest = {
+        "config": config.to_dict(),
+        "config_file": str(config_path) if config_path else None,
+        "versions": _versions(),
+        "stages": {},
+    }
+    if manifest_path.exists():  # keep the record of stages run before
+        import json
+
+        try:
+            manifest["stages"] = json.loads(manifest_path.read_text()).get("stages", {})
+        except (json.JSONDecodeError, AttributeError):
+            pass
+    for stage in stages:
+        module = importlib.import_module(STAGE_MODULES[stage][1])
+        entry = {"status": "running", "started": datetime.now(UTC).isoformat(timespec="seconds")}
+        manifest["stages"][stage] = entry
+        write_json(manifest_path, manifest)
+        start = time.time()
+        try:
+            summary = module.run(config, out)
+        except BaseException as e:
+            entry.update(status="failed", seconds=round(time.time() - start, 2),
+                         error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+            write_json(manifest_path, manifest)
+            raise
+        entry.update(status="done", seconds=round(time.time() - start, 2), summary=summary)
+        write_json(manifest_path, manifest)
+        if "output" in summary:
+            print(f"{stage}: {Path(summary['output']).resolve()}")
+
+
+def _versions() -> dict:
+    versions = {"python": platform.python_version(), "constitutional": __version__}
+    for name in ("torch", "transformers", "trl", "peft", "accelerate"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Typed pipeline config: one YAML file, a section per stage, CLI overrides.
+
+    seed: 0
+    constitution: default            # built-in name, a path, or a list of paths merged
+    critique_revise:
+      prompts: red-team
+      limit: 32
+      rounds: 2
+
+``load_config(path, ["critique_revise.rounds=3"])`` applies ``--set`` overrides (values parsed
+as YAML) before checking. An unknown key or a value of the wrong type raises a
+:class:`CaiError` naming the key. Every field is documented once, in its dataclass below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from constitutional.errors import CaiError
+from constitutional.models import DEFAULT_MODEL
+
+
+@dataclass
+class CritiqueReviseConfig:
+    """Stage 1, ``cai critique-revise``: red-team prompts -> critiques -> revisions.
+
+    model: the helpful model that answers, critiques and revises (spec for models.resolve_model).
+    prompts: prompt source (``red-team``, ``helpful``, ``advbench`` or a .jsonl/.csv/.txt path).
+    split: ``train``, ``heldout`` or ``all``.
+    limit: use at most this many prompts (None: all of the split).
+    rounds: critique-revision rounds per prompt (the paper used up to 4).
+    fewshot: few-shot examples drawn per prompt and prepended to every critique/revision chat.
+    fewshot_file: ``default`` or a YAML file of examples (see data/fewshot/critique_revision.yaml).
+    system_prompt: optional system message for every chat (None: the model's own default).
+    max_new_tokens: token budget of the initial response and each revision.
+    critique_max_new_tokens: token budget of each critique.
+    temperature: sampling temperature (0: greedy).
+    top_p: nucleus sampling mass.
+    batch_size: chats per forward pass.
+    device: ``auto`` (cuda if available), ``cpu`` or ``cuda``.
+    """
+
+    model: str = DEFAULT_MODEL
+    prompts: str = "red-team"
+    split: str = "train"
+    limit: int | None = None
+    rounds: int = 2
+    fewshot: int = 2
+    fewshot_file: str = "default"
+    system_prompt: str | None = None
+    max_new_tokens: int = 160
+    critique_max_new_tokens: int = 96
+    temperature: float = 0.7
+    top_p: float = 0.95
+    batch_size: int = 16
+    device: str = "auto"
+
+    def check(self) -> None:
+        _require(self.rounds >= 1, "critique_revise.rounds", "must be at least 1")
+        _require(self.fewshot >= 0, "critique_revise.fewshot", "must be 0 or more")
+        _require(self.limit is None or self.limit >= 1, "critique_revise.limit", "must be at least 1")
+        _require(self.split in ("train", "heldout", "all"), "critique_revise.split",
+                 "must be train, heldout or all")
+        _require(self.max_new_tokens >= 1 and self.critique_max_new_tokens >= 1,
+                 "critique_revise.max_new_tokens", "token budgets must be at least 1")
+        _require(self.temperature >= 0, "critique_revise.temperature", "must be 0 or more")
+        _require(0 < self.top_p <= 1, "critique_revise.top_p", "must be in (0, 1]")
+        _require(self.batch_size >= 1, "critique_revise.batch_size", "must be at least 1")
+
+
+@dataclass
+class PipelineConfig:
+    """The whole pipeline.
+
+    seed: seeds principle draws, few-shot draws and sampling in every stage.
+    constitution: a built-in name (``default``), a YAML/JSON path, or a list of paths merged.
+    critique_revise: stage 1 settings.
+    """
+
+    seed: int = 0
+    constitution: str | list[str] = "default"
+    critique_revise: CritiqueReviseConfig = field(default_factory=CritiqueReviseConfig)
+
+    def check(self) -> None:
+        self.critique_revise.check()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+STAGES = ("critique_revise",)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise CaiError(f"config key '{key}': {message}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read ``path`` (None: all defaults), apply ``key.sub=value`` overrides, check and build."""
+    raw: dict = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise CaiError(f"config {path}: no such file")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise CaiError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise CaiError(f"{path}: expected a mapping at the top level")
+    for item in overrides or []:
+        _apply_override(raw, item)
+    try:
+        config = _build(PipelineConfig, raw, "")
+        config.check()
+    except CaiError as e:
+        raise CaiError(f"{source}: {e}") from None
+    return config
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise CaiError(f"--set {item!r}: expected section.key=value")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise CaiError(f"--set {item!r}: {part!r} is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def _build(cls, data, prefix: str):
+    if not isinstance(data, dict):
+        raise CaiError(f"config key '{prefix.rstrip('.') or 'top level'}': expected a mapping, "
+                       f"got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise CaiError(f"config key '{prefix}{key}': unknown (known: {', '.join(sorted(names))})")
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value, hint, key: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except CaiError:
+                continue
+        raise CaiError(f"config key '{key}': expected {_type_name(hint)}, got {value!r}")
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise CaiError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (type(value) is hint):
+        return value
+    raise CaiError(f"config key '{key}': expected {_type_name(hint)}, got {value!r}")
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint))

@@ -1,0 +1,244 @@
+"""The constitution: the written principles that steer critique, revision and feedback.
+
+Two kinds of principle, as in the paper:
+
+* SL principles (:class:`Principle`) drive stage 1: a *critique request* asks the model to
+  find what is wrong with its last answer, a *revision request* asks it to rewrite it.
+* Feedback principles (:class:`FeedbackPrinciple`) drive stage 3: a multiple-choice question
+  ("Which of these responses is less harmful?"). For the contrast method each one also
+  carries a short system prompt that ``follows`` the principle and one that ``violates`` it.
+
+Files this module reads:
+
+* this project's YAML (``data/constitutions/default.yaml`` is the shipped one)::
+
+      name: default
+      sl_principles:
+        - {id: harmful, critique_request: "...", revision_request: "..."}
+      feedback_principles:
+        - {id: less-harmful, kind: harmless, text: "...", follows: "...", violates: "..."}
+
+* Anthropic's published JSON: an object ``{name: {"prompt": [critique], "edit_request": revision}}``
+  for SL principles, or a list of strings for feedback principles.
+
+Several files can be merged (``load_constitution(["sl.json", "feedback.json"])``). Any error
+names the file and the offending key or index and is raised as :class:`CaiError`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from constitutional.errors import CaiError
+
+FEEDBACK_KINDS = ("harmless", "helpful")
+
+
+@dataclass(frozen=True)
+class Principle:
+    """One SL principle: a critique request and the matching revision request."""
+
+    id: str
+    critique_request: str
+    revision_request: str
+
+
+@dataclass(frozen=True)
+class FeedbackPrinciple:
+    """One feedback principle: the question a feedback model answers about two responses."""
+
+    id: str
+    text: str
+    kind: str = "harmless"
+    follows: str | None = None
+    violates: str | None = None
+
+
+@dataclass(frozen=True)
+class Constitution:
+    name: str
+    sl_principles: tuple[Principle, ...] = ()
+    feedback_principles: tuple[FeedbackPrinciple, ...] = ()
+    sources: tuple[str, ...] = field(default=())
+
+    def sl_principle(self, principle_id: str) -> Principle:
+        for p in self.sl_principles:
+            if p.id == principle_id:
+                return p
+        raise KeyError(principle_id)
+
+    def require_sl(self) -> None:
+        if not self.sl_principles:
+            raise CaiError(f"constitution {self.name!r} has no sl_principles (needed for critique-revise)")
+
+
+def sample_principles(principles: Sequence, count: int, seed: int, key: str) -> list:
+    """Draw ``count`` principles uniformly at random, with replacement, as the paper does.
+
+    The draw depends only on ``seed`` and ``key`` (a prompt id), not on batch order, so a
+    resumed run draws the same principles for the same prompt.
+
+    >>> ps = ["a", "b", "c"]
+    >>> sample_principles(ps, 4, seed=0, key="rt-0001") == sample_principles(ps, 4, 0, "rt-0001")
+    True
+    """
+    if not principles:
+        raise ValueError("no principles to sample from")
+    rng = random.Random(f"{seed}:{key}")
+    return [principles[rng.randrange(len(principles))] for _ in range(count)]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def builtin_constitutions() -> list[str]:
+    folder = resources.files("constitutional") / "data" / "constitutions"
+    return sorted(p.name.rsplit(".", 1)[0] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _builtin_path(name: str) -> Path:
+    return Path(str(resources.files("constitutional") / "data" / "constitutions" / f"{name}.yaml"))
+
+
+def load_constitution(spec: str | Path | Sequence[str | Path]) -> Constitution:
+    """Load a built-in name (``default``), a file path, or a list of them merged in order."""
+    if isinstance(spec, (list, tuple)):
+        if not spec:
+            raise CaiError("constitution: an empty list names no file")
+        parts = [load_constitution(s) for s in spec]
+        return _merge(parts)
+    spec = str(spec)
+    path = Path(spec)
+    if not path.exists() and spec in builtin_constitutions():
+        path = _builtin_path(spec)
+    if not path.exists():
+        known = ", ".join(builtin_constitutions())
+        raise CaiError(f"constitution {spec!r}: no such file (built-in constitutions: {known})")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CaiError(f"{path}: not valid JSON: {e.msg} at line {e.lineno}") from None
+        return _from_anthropic_json(data, path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise CaiError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    return _from_yaml(data, path)
+
+
+def _merge(parts: list[Constitution]) -> Constitution:
+    sl: list[Principle] = []
+    fb: list[FeedbackPrinciple] = []
+    for part in parts:
+        for p in part.sl_principles:
+            if any(q.id == p.id for q in sl):
+                raise CaiError(f"{part.sources[0]}: sl principle id {p.id!r} is already defined")
+            sl.append(p)
+        for p in part.feedback_principles:
+            if any(q.id == p.id for q in fb):
+                raise CaiError(f"{part.sources[0]}: feedback principle id {p.id!r} is already defined")
+            fb.append(p)
+    sources = tuple(s for part in parts for s in part.sources)
+    return Constitution("+".join(p.name for p in parts), tuple(sl), tuple(fb), sources)
+
+
+def _text(value, path: Path, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise CaiError(f"{path}: {where}: expected a non-empty string, got {value!r}")
+    return " ".join(value.split()) if "\n" in value.strip() else value.strip()
+
+
+def _check_keys(item, allowed: set[str], required: set[str], path: Path, where: str) -> None:
+    if not isinstance(item, dict):
+        raise CaiError(f"{path}: {where}: expected a mapping, got {type(item).__name__}")
+    for key in item:
+        if key not in allowed:
+            raise CaiError(f"{path}: {where}: unknown key {key!r} (allowed: {', '.join(sorted(allowed))})")
+    for key in sorted(required):
+        if key not in item:
+            raise CaiError(f"{path}: {where}: missing key {key!r}")
+
+
+def _from_yaml(data, path: Path) -> Constitution:
+    top = {"name", "version", "description", "sl_principles", "feedback_principles"}
+    _check_keys(data, top, set(), path, "top level")
+    if "sl_principles" not in data and "feedback_principles" not in data:
+        raise CaiError(f"{path}: top level: needs sl_principles or feedback_principles")
+    sl: list[Principle] = []
+    for i, item in enumerate(data.get("sl_principles") or []):
+        where = f"sl_principles[{i}]"
+        _check_keys(item, {"id", "critique_request", "revision_request"},
+                    {"id", "critique_request", "revision_request"}, path, where)
+        p = Principle(
+            id=_text(item["id"], path, f"{where}.id"),
+            critique_request=_text(item["critique_request"], path, f"{where}.critique_request"),
+            revision_request=_text(item["revision_request"], path, f"{where}.revision_request"),
+        )
+        if any(q.id == p.id for q in sl):
+            raise CaiError(f"{path}: {where}.id: duplicate id {p.id!r}")
+        sl.append(p)
+    fb: list[FeedbackPrinciple] = []
+    for i, item in enumerate(data.get("feedback_principles") or []):
+        where = f"feedback_principles[{i}]"
+        _check_keys(item, {"id", "kind", "text", "follows", "violates"}, {"id", "text"}, path, where)
+        kind = item.get("kind", "harmless")
+        if kind not in FEEDBACK_KINDS:
+            raise CaiError(f"{path}: {where}.kind: expected one of {', '.join(FEEDBACK_KINDS)}, got {kind!r}")
+        p = FeedbackPrinciple(
+            id=_text(item["id"], path, f"{where}.id"),
+            text=_text(item["text"], path, f"{where}.text"),
+            kind=kind,
+            follows=_text(item["follows"], path, f"{where}.follows") if "follows" in item else None,
+            violates=_text(item["violates"], path, f"{where}.violates") if "violates" in item else None,
+        )
+        if any(q.id == p.id for q in fb):
+            raise CaiError(f"{path}: {where}.id: duplicate id {p.id!r}")
+        fb.append(p)
+    for key in ("sl_principles", "feedback_principles"):
+        if key in data and not isinstance(data[key], list):
+            raise CaiError(f"{path}: {key}: expected a list, got {type(data[key]).__name__}")
+    name = str(data.get("name") or path.stem)
+    return Constitution(name, tuple(sl), tuple(fb), (str(path),))
+
+
+def _from_anthropic_json(data, path: Path) -> Constitution:
+    """Anthropic's formats: SL pairs as an object, feedback principles as a list of strings."""
+    if isinstance(data, dict):
+        sl: list[Principle] = []
+        for name, item in data.items():
+            where = f"[{name!r}]"
+            _check_keys(item, {"prompt", "edit_request"}, {"prompt", "edit_request"}, path, where)
+            critique = item["prompt"]
+            if isinstance(critique, list):
+                if len(critique) != 1:
+                    raise CaiError(f"{path}: {where}.prompt: expected a list of one critique request")
+                critique = critique[0]
+            sl.append(Principle(
+                id=_text(name, path, f"{where} (name)"),
+                critique_request=_text(critique, path, f"{where}.prompt"),
+                revision_request=_text(item["edit_request"], path, f"{where}.edit_request"),
+            ))
+        if not sl:
+            raise CaiError(f"{path}: the object holds no principles")
+        return Constitution(path.stem, tuple(sl), (), (str(path),))
+    if isinstance(data, list):
+        if not data:
+            raise CaiError(f"{path}: the list holds no principles")
+        fb = [
+            FeedbackPrinciple(id=f"{path.stem}-{i}", text=_text(text, path, f"[{i}]"))
+            for i, text in enumerate(data)
+        ]
+        return Constitution(path.stem, (), tuple(fb), (str(path),))
+    raise CaiError(f"{path}: expected an object of SL principles or a list of feedback principles, "
+                   f"got {type(data).__name__}")

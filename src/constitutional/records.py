@@ -1,0 +1,148 @@
+"""Row dataclasses and append-only, resumable JSONL files.
+
+Long stages write each finished row at once (``JsonlAppender.append`` flushes and fsyncs),
+so a crash loses at most the rows in flight. On reopening, a torn last line (the process
+was killed mid-write) is cut off and the ids already written are known, so a rerun skips
+them: nothing is lost and nothing is written twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from constitutional.errors import CaiError
+
+
+@dataclass
+class Round:
+    """One critique-revision round of stage 1."""
+
+    principle_id: str
+    critique_request: str
+    critique: str
+    revision_request: str
+    revision: str
+    degenerate: str | None = None  # why the revision was not usable, or None
+
+
+@dataclass
+class RevisionRow:
+    """One row of ``critique_revise/revisions.jsonl``.
+
+    ``messages`` is TRL's conversational SFT format: the user prompt and the final usable
+    revision. ``degenerate`` names the reason when no round gave a usable revision; such rows
+    are kept (for the audit trail) but later stages leave them out.
+    """
+
+    id: str
+    prompt: str
+    initial_response: str
+    rounds: list[Round]
+    messages: list[dict]
+    model: str
+    principle_ids: list[str] = field(default_factory=list)
+    category: str | None = None
+    degenerate: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read a JSONL file; a malformed line is an error naming the file and line number."""
+    return list(iter_jsonl(path))
+
+
+def iter_jsonl(path: str | Path) -> Iterator[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise CaiError(f"{path}: no such file")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CaiError(f"{path}: line {lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise CaiError(f"{path}: line {lineno}: expected a JSON object")
+            yield row
+
+
+def write_json(path: str | Path, data) -> None:
+    """Write JSON atomically (temp file + rename), so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class JsonlAppender:
+    """An append-only JSONL file keyed by ``id``, safe to reopen after a crash.
+
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "rows.jsonl"
+    >>> with JsonlAppender(p) as out:
+    ...     out.append({"id": "a", "x": 1})
+    >>> JsonlAppender(p).done_ids
+    {'a'}
+    """
+
+    def __init__(self, path: str | Path, key: str = "id"):
+        self.path = Path(path)
+        self.key = key
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.repaired_bytes = _cut_torn_tail(self.path)
+        self.done_ids: set[str] = set()
+        if self.path.exists():
+            for row in iter_jsonl(self.path):
+                self.done_ids.add(str(row[self.key]))
+        self._file = None
+
+    def append(self, row: dict) -> None:
+        row_id = str(row[self.key])
+        if row_id in self.done_ids:
+            raise ValueError(f"{self.path}: id {row_id!r} is already written")
+        if self._file is None:
+            self._file = self.path.open("a", encoding="utf-8")
+        self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.done_ids.add(row_id)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> JsonlAppender:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _cut_torn_tail(path: Path) -> int:
+    """Truncate a last line that has no newline or is not valid JSON; return bytes removed."""
+    if not path.exists() or path.stat().st_size == 0:
+        return 0
+    data = path.read_bytes()
+    keep = len(data)
+    if not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+    else:
+        last_start = data.rfind(b"\n", 0, len(data) - 1) + 1
+        try:
+            json.loads(data[last_start:])
+        except json.JSONDecodeError:
+            keep = last_start
+    if keep < len(data):
+        with path.open("r+b") as f:
+            f.truncate(keep)
+    return len(data) - keep

@@ -1,0 +1,58 @@
+from pathlib import Path
+
+import pytest
+
+from constitutional.cli import main
+from constitutional.config import load_config
+from constitutional.errors import CaiError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_configs_load():
+    for path in (ROOT / "configs").glob("*.yaml"):
+        load_config(path)
+    config = load_config(ROOT / "configs" / "smollm2-cpu.yaml")
+    assert config.critique_revise.limit >= 32 and config.critique_revise.rounds == 2
+
+
+def test_overrides_are_parsed_as_yaml_and_type_checked():
+    config = load_config(None, ["critique_revise.rounds=3", "critique_revise.temperature=1",
+                                "critique_revise.limit=null", "constitution=[a.json, b.json]"])
+    assert config.critique_revise.rounds == 3
+    assert config.critique_revise.temperature == 1.0
+    assert config.critique_revise.limit is None
+    assert config.constitution == ["a.json", "b.json"]
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["critique_revise.roundz=3"], "'critique_revise.roundz': unknown"),
+    (["critique_revise.rounds=two"], "'critique_revise.rounds': expected int, got 'two'"),
+    (["critique_revise.rounds=true"], "'critique_revise.rounds': expected int"),
+    (["critique_revise.rounds=0"], "'critique_revise.rounds': must be at least 1"),
+    (["critique_revise=3"], "'critique_revise': expected a mapping"),
+    (["sft.epochs=1"], "'sft': unknown"),
+    (["critique_revise.rounds"], "expected section.key=value"),
+])
+def test_config_errors_name_the_key(overrides, fragment):
+    with pytest.raises(CaiError) as err:
+        load_config(None, overrides)
+    assert fragment in str(err.value)
+
+
+def test_bad_key_in_file_names_file_and_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("critique_revise:\n  rounds: 2\n  temprature: 0.5\n")
+    with pytest.raises(CaiError) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and "critique_revise.temprature" in str(err.value)
+
+
+def test_cli_config_error_exit_2_one_line(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("critique_revise:\n  rounds: many\n")
+    code = main(["run", str(path), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "critique_revise.rounds" in err
+    assert main(["run", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "r")]) == 2
+    assert main(["run", str(path), "--out", str(tmp_path / "r"), "--stages", "sftt"]) == 2

