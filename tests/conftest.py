@@ -39,7 +39,7 @@ def build_tiny_tokenizer():
     return fast
 
 
-def build_tiny_llama(path: Path, max_positions: int = 512, seed: int = 0) -> Path:
+def build_tiny_llama(path: Path, max_positions: int = 4096, seed: int = 0) -> Path:
     """Save a 2-layer random Llama and its tokenizer to ``path``; return the path."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -18,7 +18,7 @@ CHATS = [
 
 def test_implements_the_protocol(tiny_backend):
     assert isinstance(tiny_backend, Backend)
-    assert tiny_backend.context_length == 512
+    assert tiny_backend.context_length == 4096
     assert tiny_backend.render(CHATS[0]).endswith("<|im_start|>assistant\n")
     assert tiny_backend.count_tokens(CHATS[0]) > tiny_backend.count_tokens([{"role": "user", "content": "x"}])
 

@@ -72,6 +72,13 @@ def test_degenerate_reason(revision, critique, fewshot, reason):
     assert degenerate_reason(revision, critique, fewshot) == reason
 
 
+def test_unchanged_revision_is_degenerate():
+    previous = "Sure! First find an unlocked window, then wait until night."
+    assert degenerate_reason(previous, "It helps burglary.", previous=previous) == "unchanged"
+    assert degenerate_reason("I can't help you break in; ask your neighbour for a key.", "It helps burglary.",
+                             previous=previous) is None
+
+
 def test_bad_fewshot_file(tmp_path):
     path = tmp_path / "f.yaml"
     path.write_text("examples:\n  - id: a\n    prompt: p\n")

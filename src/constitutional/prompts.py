@@ -174,17 +174,20 @@ def similarity(a: str, b: str) -> float:
 
 
 def degenerate_reason(revision: str, critique: str, copied_from: Sequence[str] = (),
-                      threshold: float = 0.8) -> str | None:
+                      previous: str = "", threshold: float = 0.8) -> str | None:
     """Why a revision is not usable as an SFT target, or None if it is fine.
 
     Reasons: ``empty``; ``copies-critique`` (mostly the critique again);
     ``meta-commentary`` (talks about "the assistant's response" instead of answering);
-    ``copies-fewshot`` (mostly the text of a few-shot example).
+    ``copies-fewshot`` (mostly the text of a few-shot example); ``unchanged`` (nearly the
+    ``previous`` response it was asked to revise: no constitutional signal to learn from).
 
     >>> degenerate_reason("", "c")
     'empty'
     >>> degenerate_reason("The assistant's response is harmful.", "c")
     'meta-commentary'
+    >>> degenerate_reason("Sure, here's how.", "It is bad.", previous="Sure, here's how.")
+    'unchanged'
     >>> degenerate_reason("I can't help with that, but here is a safer idea.", "It is bad.")
     """
     if len(revision.strip()) < 2:
@@ -196,4 +199,6 @@ def degenerate_reason(revision: str, critique: str, copied_from: Sequence[str] =
     for text in copied_from:
         if similarity(revision, text) >= threshold:
             return "copies-fewshot"
+    if previous.strip() and similarity(revision, previous) >= 0.9:
+        return "unchanged"
     return None

@@ -46,6 +46,9 @@ class HFBackend:
         self.batch_size = batch_size
         self.min_shared_prefix = min_shared_prefix
         self.name = name or str(model)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one weights file loads in a second; no bar needed
         try:
             self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
             self.model = model_obj or AutoModelForCausalLM.from_pretrained(
@@ -53,6 +56,8 @@ class HFBackend:
         except OSError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CaiError(f"model {model!r}: could not load: {first}") from None
+        finally:
+            hf_logging.enable_progress_bar()
         self.model.to(self.device).eval()
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:

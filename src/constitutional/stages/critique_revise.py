@@ -8,7 +8,8 @@ then it gets the revision request and writes a revision, which becomes the curre
 The final revision is the SFT target of stage 2. Every round is kept in the row.
 
 Beyond the paper: a revision that is empty, mostly a copy of the critique, meta-commentary
-about "the assistant's response", or a copy of a few-shot example is *degenerate*. It is
+about "the assistant's response", a copy of a few-shot example, or the response it was meant
+to revise with nothing changed is *degenerate*. It is
 recorded in its round, the next round critiques the last usable response instead, and a row
 whose rounds all were degenerate is flagged (``degenerate``) so that stage 2 leaves it out.
 Each round is a fresh context (few-shot examples, prompt, latest usable response), which
@@ -179,7 +180,7 @@ def _revise_chunk(chunk: list[_Plan], cfg, seed: int, backend: Backend, on_batch
             revision_chats, params(cfg.max_new_tokens, f"revision-{r}"), on_batch)]
         for j, p in enumerate(chunk):
             examples = [text for ex in p.fewshot for text in (ex.revision, ex.critique, ex.response)]
-            reason = degenerate_reason(revisions[j], critiques[j], examples)
+            reason = degenerate_reason(revisions[j], critiques[j], examples, previous=current[j])
             principle = p.principles[r]
             rounds[j].append(Round(principle.id, principle.critique_request, critiques[j],
                                    principle.revision_request, revisions[j], reason))
