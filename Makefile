@@ -27,6 +27,7 @@ test-fast: setup
 
 bench: setup
 	$(PY) bench/generate.py
+	$(PY) bench/train.py
 
 clean:
 	rm -rf runs build dist .pytest_cache

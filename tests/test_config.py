@@ -23,6 +23,7 @@ def test_overrides_are_parsed_as_yaml_and_type_checked():
     assert config.critique_revise.temperature == 1.0
     assert config.critique_revise.limit is None
     assert config.constitution == ["a.json", "b.json"]
+    assert load_config(None, ["sft.learning_rate=1e-5"]).sft.learning_rate == 1e-5  # YAML 1.1 reads a str
 
 
 @pytest.mark.parametrize("overrides, fragment", [
@@ -31,7 +32,7 @@ def test_overrides_are_parsed_as_yaml_and_type_checked():
     (["critique_revise.rounds=true"], "'critique_revise.rounds': expected int"),
     (["critique_revise.rounds=0"], "'critique_revise.rounds': must be at least 1"),
     (["critique_revise=3"], "'critique_revise': expected a mapping"),
-    (["sft.epochs=1"], "'sft': unknown"),
+    (["nonsense.epochs=1"], "'nonsense': unknown"),
     (["critique_revise.rounds"], "expected section.key=value"),
 ])
 def test_config_errors_name_the_key(overrides, fragment):

@@ -2,6 +2,7 @@
 
     cai run configs/smollm2-cpu.yaml --out runs/demo [--stages critique_revise] [--set k=v ...]
     cai critique-revise [--config CONFIG] --out DIR [--set critique_revise.rounds=3 ...]
+    cai sft [--config CONFIG] --out DIR [--set sft.lora=true ...]
     cai fetch-model [smollm2-135m-instruct]
 
 Bad input (a malformed constitution, a missing file, a wrong config key) prints one line,
@@ -25,7 +26,10 @@ from constitutional.errors import CaiError
 from constitutional.records import write_json
 
 # stage name in configs -> (CLI subcommand, module)
-STAGE_MODULES = {"critique_revise": ("critique-revise", "constitutional.stages.critique_revise")}
+STAGE_MODULES = {
+    "critique_revise": ("critique-revise", "constitutional.stages.critique_revise"),
+    "sft": ("sft", "constitutional.stages.sft"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,26 +75,95 @@ class CritiqueReviseConfig:
 
 
 @dataclass
+class SftConfig:
+    """Stage 2, ``cai sft``: fine-tune the helpful model on the final revisions (SL-CAI).
+
+    model: the helpful model to fine-tune (None: the same as critique_revise.model).
+    revisions: revisions JSONL (None: the run's critique_revise/revisions.jsonl).
+    helpful_data: JSONL of helpfulness chats in TRL's conversational format (``messages``);
+        None: the helpful model answers the ``helpful_prompts`` itself (sft/helpful_samples.jsonl).
+    helpful_prompts: prompt source for generated helpfulness samples (train split).
+    helpful_fraction: share of helpfulness examples in the training mix, in [0, 1).
+    helpful_max_new_tokens: token budget of each generated helpfulness answer.
+    helpful_temperature: sampling temperature of the generated helpfulness answers.
+    heldout_fraction: share of revisions (and helpfulness samples) held out to measure NLL.
+    epochs: passes over the training mix.
+    max_steps: stop after this many optimizer steps (None: run all epochs).
+    learning_rate: peak learning rate (cosine decay after a short warm-up).
+    batch_size: sequences per optimizer step (before gradient accumulation).
+    gradient_accumulation_steps: micro-batches per optimizer step.
+    max_length: truncate training sequences to this many tokens.
+    lora: train a LoRA adapter instead of all weights; the saved model is merged.
+    lora_r: LoRA rank.
+    lora_alpha: LoRA scaling numerator.
+    lora_dropout: dropout on the LoRA input.
+    save_steps: write a checkpoint every this many steps (a rerun resumes from the last one).
+    tensorboard: also write TensorBoard logs to sft/tensorboard/.
+    generate_batch_size: chats per forward pass when generating helpfulness samples.
+    device: ``auto`` (cuda if available), ``cpu`` or ``cuda``.
+    """
+
+    model: str | None = None
+    revisions: str | None = None
+    helpful_data: str | None = None
+    helpful_prompts: str = "helpful"
+    helpful_fraction: float = 0.5
+    helpful_max_new_tokens: int = 128
+    helpful_temperature: float = 0.7
+    heldout_fraction: float = 0.15
+    epochs: float = 2.0
+    max_steps: int | None = None
+    learning_rate: float = 2e-5
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_length: int = 512
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    save_steps: int = 10
+    tensorboard: bool = False
+    generate_batch_size: int = 32
+    device: str = "auto"
+
+    def check(self) -> None:
+        _require(0 <= self.helpful_fraction < 1, "sft.helpful_fraction", "must be in [0, 1)")
+        _require(0 <= self.heldout_fraction < 1, "sft.heldout_fraction", "must be in [0, 1)")
+        _require(self.epochs > 0, "sft.epochs", "must be more than 0")
+        _require(self.max_steps is None or self.max_steps >= 1, "sft.max_steps", "must be at least 1")
+        _require(self.learning_rate > 0, "sft.learning_rate", "must be more than 0")
+        _require(self.batch_size >= 1, "sft.batch_size", "must be at least 1")
+        _require(self.gradient_accumulation_steps >= 1, "sft.gradient_accumulation_steps", "must be at least 1")
+        _require(self.max_length >= 16, "sft.max_length", "must be at least 16")
+        _require(self.lora_r >= 1, "sft.lora_r", "must be at least 1")
+        _require(self.save_steps >= 1, "sft.save_steps", "must be at least 1")
+        _require(self.helpful_max_new_tokens >= 1, "sft.helpful_max_new_tokens", "must be at least 1")
+
+
+@dataclass
 class PipelineConfig:
     """The whole pipeline.
 
     seed: seeds principle draws, few-shot draws and sampling in every stage.
     constitution: a built-in name (``default``), a YAML/JSON path, or a list of paths merged.
     critique_revise: stage 1 settings.
+    sft: stage 2 settings.
     """
 
     seed: int = 0
     constitution: str | list[str] = "default"
     critique_revise: CritiqueReviseConfig = field(default_factory=CritiqueReviseConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
 
     def check(self) -> None:
         self.critique_revise.check()
+        self.sft.check()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-STAGES = ("critique_revise",)
+STAGES = ("critique_revise", "sft")
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -180,6 +249,12 @@ def _coerce(value, hint, key: str):
         return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads 1e-5 (no dot) as a string; take it as the number it is.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float, str, bool) and (type(value) is hint):
         return value
     raise CaiError(f"config key '{key}': expected {_type_name(hint)}, got {value!r}")
