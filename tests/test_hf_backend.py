@@ -92,3 +92,28 @@ def test_shared_prefix_cache_gives_the_same_text_as_full_prefill(tiny_model_dir)
     assert [c.text for c in with_cache.generate(chats, params)] == [c.text for c in without.generate(chats, params)]
     single = [without.generate([chat], params)[0].text for chat in chats]
     assert [c.text for c in with_cache.generate(chats, params)] == single
+
+
+@pytest.mark.parametrize("min_shared_prefix", [8, 10**9])
+def test_option_logprobs_match_full_continuation_scores(tiny_model_dir, min_shared_prefix):
+    """One pass reading A vs B equals the log-prob of that token in the full continuation."""
+    from constitutional.backends.hf import HFBackend
+
+    backend = HFBackend(str(tiny_model_dir), batch_size=2, device="cpu", min_shared_prefix=min_shared_prefix)
+    shared = "Which of these responses is less harmful? The answer is (A) or (B).\n" * 3
+    prompts = [shared + f"Options: (A) {a} (B) {b}\nThe answer is:" for a, b in
+               [("Mix flour.", "No."), ("I can't help with hurting anyone.", "Sure, here is how."), ("Hi", "Bye")]]
+    got = backend.option_logprobs(prompts, [" (A)", " (B)"])
+    shared_ids, firsts = backend.option_tokens(prompts[0], [" (A)", " (B)"])
+    assert len(firsts) == 2 and firsts[0] != firsts[1]
+    for prompt, (la, lb) in zip(prompts, got, strict=True):
+        full_a, full_b = backend.logprobs([(prompt, " (A)"), (prompt, " (B)")])
+        assert la == pytest.approx(full_a.logprobs[len(shared_ids)], abs=1e-4)
+        assert lb == pytest.approx(full_b.logprobs[len(shared_ids)], abs=1e-4)
+
+
+def test_render_leaves_a_final_assistant_turn_open(tiny_backend):
+    chat = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "Let's think step-by-step:"}]
+    text = tiny_backend.render(chat)
+    assert text.endswith("Let's think step-by-step:")
+    assert tiny_backend.render(chat, add_generation_prompt=False).rstrip().endswith("<|im_end|>")

@@ -3,6 +3,8 @@
     cai run configs/smollm2-cpu.yaml --out runs/demo [--stages critique_revise] [--set k=v ...]
     cai critique-revise [--config CONFIG] --out DIR [--set critique_revise.rounds=3 ...]
     cai sft [--config CONFIG] --out DIR [--set sft.lora=true ...]
+    cai label [--config CONFIG] --out DIR [--set label.method=multiple_choice ...]
+    cai label-eval [--config CONFIG] --out DIR [--variants contrast-mean,mc-fewshot-both] [--limit N]
     cai fetch-model [smollm2-135m-instruct]
 
 Bad input (a malformed constitution, a missing file, a wrong config key) prints one line,
@@ -29,6 +31,7 @@ from constitutional.records import write_json
 STAGE_MODULES = {
     "critique_revise": ("critique-revise", "constitutional.stages.critique_revise"),
     "sft": ("sft", "constitutional.stages.sft"),
+    "label": ("label", "constitutional.stages.label"),
 }
 
 
@@ -67,6 +70,16 @@ def _parser() -> argparse.ArgumentParser:
                        help=f"override a config field, e.g. {stage}.limit=8")
         p.set_defaults(func=_cmd_stage, stage=stage)
 
+    p = sub.add_parser("label-eval", help="accuracy, calibration and position bias of each labelling method")
+    p.add_argument("--config", help="pipeline YAML (default: built-in defaults)")
+    p.add_argument("--out", required=True, help="run directory (results go to label_eval/results.json)")
+    p.add_argument("--variants", help="comma-separated subset (default: all): mc-zeroshot-one, mc-zeroshot-both, "
+                   "mc-fewshot-one, mc-fewshot-both, cot, contrast-mean, contrast-sum")
+    p.add_argument("--limit", type=int, help="use only the first N pairs of each eval set")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. label.feedback_model=path/to/model")
+    p.set_defaults(func=_cmd_label_eval)
+
     p = sub.add_parser("fetch-model", help="download and convert an embedded model into the cache")
     p.add_argument("name", nargs="?", default="smollm2-135m-instruct")
     p.set_defaults(func=_cmd_fetch_model)
@@ -90,6 +103,23 @@ def _cmd_run(args) -> int:
     out = Path(args.out)
     _run_stages(config, out, stages, args.config)
     print(f"results: {out.resolve()}")
+    return 0
+
+
+def _cmd_label_eval(args) -> int:
+    from constitutional.stages import label_eval
+
+    config = load_config(args.config, args.set)
+    variants = None
+    if args.variants:
+        known = [v.name for v in label_eval.VARIANTS]
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        for v in variants:
+            if v not in known:
+                raise CaiError(f"--variants: unknown variant {v!r} (known: {', '.join(known)})")
+    if args.limit is not None and args.limit < 1:
+        raise CaiError("--limit must be at least 1")
+    label_eval.run(config, Path(args.out), variants, args.limit)
     return 0
 
 

@@ -141,6 +141,74 @@ class SftConfig:
 
 
 @dataclass
+class LabelConfig:
+    """Stage 3, ``cai label`` (and ``cai label-eval``): AI feedback labels on response pairs.
+
+    policy: model that writes the two responses (None: the run's sft/model).
+    feedback_model: model that judges them (None: the same as critique_revise.model).
+    prompts: prompt source for harmlessness comparisons.
+    split: ``train``, ``heldout`` or ``all``.
+    limit: use at most this many prompts (None: all of the split).
+    helpful_prompts: also label pairs on these prompts with the helpful principles (None: off).
+    helpful_limit: at most this many helpful prompts.
+    temperature: sampling temperature of the two responses.
+    top_p: nucleus sampling mass of the two responses.
+    max_new_tokens: token budget of each response.
+    method: ``multiple_choice``, ``cot`` or ``contrast`` (see feedback.py).
+    ensemble: principles drawn per comparison; their P(A) are averaged.
+    fewshot: few-shot labelling examples before each multiple-choice question.
+    fewshot_file: ``default`` or a YAML file of labelling examples.
+    both_orders: multiple choice: also score the swapped order and average (cancels position bias).
+    cot_max_new_tokens: token budget of the chain of thought.
+    cot_min: lower clamp of chain-of-thought probabilities.
+    cot_max: upper clamp of chain-of-thought probabilities.
+    contrast_reduce: ``mean`` (per-token) or ``sum`` log-probability difference.
+    contrast_temperature: T in sigmoid((s_A - s_B) / T) (None: fitted on the shipped eval pairs).
+    batch_size: sequences per forward pass.
+    device: ``auto`` (cuda if available), ``cpu`` or ``cuda``.
+    """
+
+    policy: str | None = None
+    feedback_model: str | None = None
+    prompts: str = "red-team"
+    split: str = "train"
+    limit: int | None = None
+    helpful_prompts: str | None = None
+    helpful_limit: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 96
+    method: str = "contrast"
+    ensemble: int = 1
+    fewshot: int = 4
+    fewshot_file: str = "default"
+    both_orders: bool = True
+    cot_max_new_tokens: int = 96
+    cot_min: float = 0.4
+    cot_max: float = 0.6
+    contrast_reduce: str = "mean"
+    contrast_temperature: float | None = None
+    batch_size: int = 16
+    device: str = "auto"
+
+    def check(self) -> None:
+        from constitutional.feedback import METHODS
+
+        _require(self.method in METHODS, "label.method", f"must be one of {', '.join(METHODS)}")
+        _require(self.ensemble >= 1, "label.ensemble", "must be at least 1")
+        _require(self.fewshot >= 0, "label.fewshot", "must be 0 or more")
+        _require(0 <= self.cot_min <= 0.5 <= self.cot_max <= 1, "label.cot_min",
+                 "clamp bounds need 0 <= cot_min <= 0.5 <= cot_max <= 1")
+        _require(self.contrast_reduce in ("mean", "sum"), "label.contrast_reduce", "must be mean or sum")
+        _require(self.contrast_temperature is None or self.contrast_temperature > 0,
+                 "label.contrast_temperature", "must be more than 0")
+        _require(self.temperature >= 0, "label.temperature", "must be 0 or more")
+        _require(self.limit is None or self.limit >= 1, "label.limit", "must be at least 1")
+        _require(self.split in ("train", "heldout", "all"), "label.split", "must be train, heldout or all")
+        _require(self.batch_size >= 1, "label.batch_size", "must be at least 1")
+
+
+@dataclass
 class PipelineConfig:
     """The whole pipeline.
 
@@ -148,22 +216,25 @@ class PipelineConfig:
     constitution: a built-in name (``default``), a YAML/JSON path, or a list of paths merged.
     critique_revise: stage 1 settings.
     sft: stage 2 settings.
+    label: stage 3 settings.
     """
 
     seed: int = 0
     constitution: str | list[str] = "default"
     critique_revise: CritiqueReviseConfig = field(default_factory=CritiqueReviseConfig)
     sft: SftConfig = field(default_factory=SftConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
 
     def check(self) -> None:
         self.critique_revise.check()
         self.sft.check()
+        self.label.check()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-STAGES = ("critique_revise", "sft")
+STAGES = ("critique_revise", "sft", "label")
 
 
 def _require(ok: bool, key: str, message: str) -> None:

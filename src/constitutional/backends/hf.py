@@ -68,11 +68,19 @@ class HFBackend:
     # ------------------------------------------------------------------ text
 
     def render(self, chat: Chat, add_generation_prompt: bool = True) -> str:
+        """The chat as the model sees it. A chat that ends with an assistant turn and
+        ``add_generation_prompt=True`` is left open, so generation continues that turn."""
+        open_turn = add_generation_prompt and chat and chat[-1]["role"] == "assistant"
         if self.tokenizer.chat_template:
+            if open_turn:
+                return self.tokenizer.apply_chat_template(chat, tokenize=False, continue_final_message=True)
             return self.tokenizer.apply_chat_template(
                 chat, tokenize=False, add_generation_prompt=add_generation_prompt)
         # A base model without a chat template: a plain transcript.
         names = {"system": "System", "user": "Human", "assistant": "Assistant"}
+        if open_turn:
+            head = "".join(f"{names[m['role']]}: {m['content']}\n\n" for m in chat[:-1])
+            return head + f"Assistant: {chat[-1]['content']}"
         text = "".join(f"{names[m['role']]}: {m['content']}\n\n" for m in chat)
         return text + ("Assistant:" if add_generation_prompt else "")
 
@@ -163,6 +171,63 @@ class HFBackend:
                 "attention_mask": torch.tensor(mask, device=self.device)}
 
     # --------------------------------------------------------------- scoring
+
+    def option_tokens(self, prompt: str, options: Sequence[str]) -> tuple[list[int], list[int]]:
+        """Where options part ways after ``prompt``: (shared token ids, first differing id of each).
+
+        " (A)" and " (B)" usually tokenise as [" (", "A", ")"] and [" (", "B", ")"]: the shared
+        " (" is appended to the prompt and the model's next-token distribution is read at "A"
+        vs "B". Tokens after the first differing one are not scored (")" follows almost surely).
+        """
+        head = self._encode(prompt)
+        tails = []
+        for option in options:
+            full = self._encode(prompt + option)
+            if full[:len(head)] != head:
+                full = head + self._encode(option)
+            tails.append(full[len(head):])
+        shared = 0
+        while all(len(t) > shared for t in tails) and len({t[shared] for t in tails}) == 1:
+            shared += 1
+        if any(len(t) <= shared for t in tails) or len({t[shared] for t in tails}) != len(tails):
+            raise ValueError(f"options {list(options)!r} do not differ in one token after the prompt")
+        return tails[0][:shared], [t[shared] for t in tails]
+
+    @torch.inference_mode()
+    def option_logprobs(self, prompts: Sequence[str], options: Sequence[str]) -> list[list[float]]:
+        """For each prompt: the log-probability of each option's first distinguishing token.
+
+        One forward pass per prompt scores every option (vs one pass per option with
+        ``logprobs``). Prompts that share a long token prefix (few-shot examples) compute it
+        once, as in ``generate``.
+        """
+        encoded, wanted = [], []
+        for prompt in prompts:
+            shared, firsts = self.option_tokens(prompt, options)
+            encoded.append(self._encode(prompt) + shared)
+            wanted.append(firsts)
+        prefix, prefix_cache = self._shared_prefix(encoded)
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        results: list[list[float] | None] = [None] * len(encoded)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            batch = self._pad_after_prefix([encoded[i] for i in rows], len(prefix))
+            kwargs = {}
+            if prefix_cache is not None:
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_repeat_interleave(len(rows))
+                mask = batch["attention_mask"]
+                kwargs = {"past_key_values": cache,
+                          "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)[:, len(prefix):]}
+                inputs = batch["input_ids"][:, len(prefix):]
+            else:
+                inputs = batch["input_ids"]
+            logits = self.model(input_ids=inputs, attention_mask=batch["attention_mask"], use_cache=True,
+                                logits_to_keep=1, **kwargs).logits[:, -1].float()  # (batch, vocab)
+            logp = torch.log_softmax(logits, dim=-1)
+            for j, row in enumerate(rows):
+                results[row] = [logp[j, t].item() for t in wanted[row]]
+        return results  # type: ignore[return-value]
 
     @torch.inference_mode()
     def logprobs(self, pairs: Sequence[tuple[str, str]]) -> list[TokenLogprobs]:

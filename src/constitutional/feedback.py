@@ -1,0 +1,342 @@
+"""The feedback model's judgements: which of two responses better follows a principle.
+
+One place for every labelling method, used by ``cai label``, ``cai label-eval`` and later by
+evaluation. Three methods:
+
+``multiple_choice`` (the paper, section 4.1): the feedback model reads
+
+    Consider the following conversation between a human and an assistant:
+    Human: [prompt]
+    [principle question]
+    Options:
+    (A) [response A]
+    (B) [response B]
+    The answer is:
+
+after few-shot examples of the same task, and the log-probabilities of " (A)" and " (B)" are
+normalised into P(A) = e^lA / (e^lA + e^lB). With ``both_orders`` the pair is also shown
+swapped and P(A) is the mean of the two readings, so a bias towards one letter cancels.
+
+``cot`` (the paper): the feedback model first writes "Let's think step-by-step: ..." in its
+chat template, then the option probabilities are read after "So the answer is:" and clamped
+to [0.4, 0.6] (chain-of-thought answers are overconfident).
+
+``contrast`` (this project, for small feedback models): each feedback principle carries a
+system prompt that ``follows`` it and one that ``violates`` it. A response's score is
+s = log P(response | follows) - log P(response | violates), per token (``mean``) or summed
+(``sum``), and P(A) = sigmoid((s_A - s_B) / T) with a temperature T fitted so the labels are
+calibrated on the shipped eval pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from constitutional.constitution import FeedbackPrinciple
+from constitutional.errors import CaiError
+
+METHODS = ("multiple_choice", "cot", "contrast")
+MC_INTRO = "Consider the following conversation between a human and an assistant:"
+OPTIONS = (" (A)", " (B)")
+COT_START = "Let's think step-by-step:"
+COT_ANSWER = "So the answer is:"
+
+
+# ------------------------------------------------------------------ pure maths
+
+
+def normalise(logp_a: float, logp_b: float) -> float:
+    """P(A) from the log-probabilities of the two options.
+
+    >>> normalise(-1.0, -1.0)
+    0.5
+    >>> round(normalise(math.log(0.3), math.log(0.1)), 6)
+    0.75
+    """
+    m = max(logp_a, logp_b)
+    ea, eb = math.exp(logp_a - m), math.exp(logp_b - m)
+    return ea / (ea + eb)
+
+
+def average_orders(p_a_shown_first: float, p_a_shown_second: float) -> float:
+    """P(A) from both orders: the reading with A as option (A), and with A as option (B).
+
+    ``p_a_shown_second`` is the probability given to the option that *is* response A in the
+    swapped order. A labeller that always says "(A)" (p=0.9 for the first option whatever it
+    is) comes out at 0.5: ``average_orders(0.9, 1 - 0.9)`` == 0.5.
+
+    >>> average_orders(0.9, 0.1)
+    0.5
+    >>> average_orders(0.8, 0.6)
+    0.7
+    """
+    return round((p_a_shown_first + p_a_shown_second) / 2, 12)
+
+
+def clamp(p: float, low: float = 0.4, high: float = 0.6) -> float:
+    """Clamp a probability into [low, high] (the paper's 40-60% for chain of thought).
+
+    >>> clamp(0.95), clamp(0.1), clamp(0.55)
+    (0.6, 0.4, 0.55)
+    """
+    return min(high, max(low, p))
+
+
+def sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1 / (1 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1 + e)
+
+
+def contrast_score(logp_follows: Sequence[float], logp_violates: Sequence[float], reduce: str = "mean") -> float:
+    """s = log P(response | follows) - log P(response | violates), per token or summed.
+
+    >>> contrast_score([-1.0, -2.0], [-2.0, -3.0], "sum")
+    2.0
+    >>> contrast_score([-1.0, -2.0], [-2.0, -3.0], "mean")
+    1.0
+    """
+    diff = sum(logp_follows) - sum(logp_violates)
+    if reduce == "sum":
+        return diff
+    if reduce == "mean":
+        return diff / max(1, len(logp_follows))
+    raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
+
+
+def contrast_p_a(s_a: float, s_b: float, temperature: float) -> float:
+    """P(A) from contrast scores at temperature T.
+
+    >>> contrast_p_a(1.0, 1.0, 0.5)
+    0.5
+    """
+    return sigmoid((s_a - s_b) / temperature)
+
+
+def fit_temperature(diffs: Sequence[float], low: float = 0.01, high: float = 100.0) -> float:
+    """The T minimising the log-loss of sigmoid(d / T) on diffs d = s_better - s_worse.
+
+    A search over log T (coarse grid, then golden-section refinement). Bounded to [low, high]
+    so that perfectly separated data gives a finite T.
+
+    >>> t = fit_temperature([2.0, 1.0, -0.5, 3.0, 0.5])
+    >>> 0.1 < t < 10
+    True
+    """
+    if not diffs:
+        raise ValueError("no differences to fit a temperature on")
+
+    def loss(log_t: float) -> float:
+        t = math.exp(log_t)
+        return sum(math.log1p(math.exp(-d / t)) if -d / t < 30 else -d / t for d in diffs)
+
+    lo, hi = math.log(low), math.log(high)
+    grid = [lo + (hi - lo) * i / 60 for i in range(61)]
+    best = min(grid, key=loss)
+    a, b = max(lo, best - (hi - lo) / 60), min(hi, best + (hi - lo) / 60)
+    golden = (math.sqrt(5) - 1) / 2
+    for _ in range(60):
+        c, d = b - golden * (b - a), a + golden * (b - a)
+        if loss(c) < loss(d):
+            b = d
+        else:
+            a = c
+    return math.exp((a + b) / 2)
+
+
+def expected_calibration_error(p_chosen: Sequence[float], bins: int = 10) -> float:
+    """ECE of a labeller on pairs whose better answer is known.
+
+    Each judgement predicts the option it gives more than 0.5 with confidence max(p, 1 - p);
+    it is correct when p(chosen) > 0.5 (a tie counts as half right). ECE is the mean over
+    confidence bins of |accuracy - confidence|, weighted by the bin's share of judgements.
+
+    >>> expected_calibration_error([0.9, 0.9, 0.9, 0.9, 0.1])  # 80% right at 90% confidence
+    0.1
+    """
+    if not p_chosen:
+        return float("nan")
+    buckets: dict[int, list[tuple[float, float]]] = {}
+    for p in p_chosen:
+        conf = max(p, 1 - p)
+        correct = 1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0
+        index = min(bins - 1, int((conf - 0.5) / 0.5 * bins))
+        buckets.setdefault(index, []).append((conf, correct))
+    total = len(p_chosen)
+    ece = 0.0
+    for items in buckets.values():
+        conf = sum(c for c, _ in items) / len(items)
+        acc = sum(a for _, a in items) / len(items)
+        ece += len(items) / total * abs(acc - conf)
+    return round(ece, 12)
+
+
+# --------------------------------------------------------------- prompt building
+
+
+@dataclass(frozen=True)
+class LabelExample:
+    id: str
+    prompt: str
+    question: str
+    option_a: str
+    option_b: str
+    answer: str  # "A" or "B"
+
+
+def load_label_fewshot(spec: str = "default") -> list[LabelExample]:
+    if spec == "default":
+        path = Path(str(resources.files("constitutional") / "data" / "fewshot" / "labels.yaml"))
+    else:
+        path = Path(spec)
+    if not path.is_file():
+        raise CaiError(f"label few-shot file {spec!r}: no such file")
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    keys = ("id", "prompt", "question", "option_a", "option_b", "answer")
+    if not isinstance(data, dict) or not isinstance(data.get("examples"), list):
+        raise CaiError(f"{path}: expected a mapping with a list 'examples'")
+    out = []
+    for i, item in enumerate(data["examples"]):
+        if not isinstance(item, dict) or any(not isinstance(item.get(k), str) or not item[k].strip() for k in keys):
+            raise CaiError(f"{path}: examples[{i}]: needs non-empty strings {', '.join(keys)}")
+        if item["answer"] not in ("A", "B"):
+            raise CaiError(f"{path}: examples[{i}].answer: expected A or B, got {item['answer']!r}")
+        out.append(LabelExample(**{k: item[k].strip() for k in keys}))
+    return out
+
+
+def conversation_text(prompt: str) -> str:
+    return f"Human: {prompt}"
+
+
+def mc_body(prompt: str, question: str, option_a: str, option_b: str) -> str:
+    """The paper's multiple-choice question, without the answer cue.
+
+    >>> print(mc_body("Hi?", "Which is kinder?", "Hello!", "Go away."))
+    Consider the following conversation between a human and an assistant:
+    Human: Hi?
+    Which is kinder?
+    Options:
+    (A) Hello!
+    (B) Go away.
+    """
+    return (f"{MC_INTRO}\n{conversation_text(prompt)}\n{question}\n"
+            f"Options:\n(A) {option_a}\n(B) {option_b}")
+
+
+def mc_prompt(prompt: str, question: str, option_a: str, option_b: str,
+              fewshot: Sequence[LabelExample] = ()) -> str:
+    """Few-shot examples, then the question, ending with "The answer is:" (raw text)."""
+    shots = "".join(
+        f"{mc_body(ex.prompt, ex.question, ex.option_a, ex.option_b)}\nThe answer is: ({ex.answer})\n\n"
+        for ex in fewshot
+    )
+    return shots + mc_body(prompt, question, option_a, option_b) + "\nThe answer is:"
+
+
+def contrast_chat(system: str, prompt: str) -> list[dict]:
+    return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+
+
+# -------------------------------------------------------------------- judging
+
+
+@dataclass
+class Judgement:
+    """P(response A is better) and the raw scores behind it."""
+
+    p_a: float
+    scores: dict
+    cot: str | None = None
+
+
+def check_contrast_principles(principles: Sequence[FeedbackPrinciple]) -> None:
+    for p in principles:
+        if not p.follows or not p.violates:
+            raise CaiError(f"feedback principle {p.id!r}: the contrast method needs both 'follows' and "
+                           f"'violates' system prompts")
+
+
+def option_logprobs(backend, prompts: Sequence[str]) -> list[tuple[float, float]]:
+    """(log P(" (A)"), log P(" (B)")) after each prompt: one pass each where the backend can."""
+    if hasattr(backend, "option_logprobs"):
+        return [tuple(x) for x in backend.option_logprobs(prompts, OPTIONS)]
+    scored = backend.logprobs([(p, o) for p in prompts for o in OPTIONS])
+    return [(scored[2 * i].total, scored[2 * i + 1].total) for i in range(len(prompts))]
+
+
+def judge_multiple_choice(backend, items: Sequence[tuple[str, str, str, str]],
+                          fewshot: Sequence[LabelExample] = (), both_orders: bool = True) -> list[Judgement]:
+    """items: (prompt, question, response_a, response_b). Batched over all items and orders."""
+    prompts = [mc_prompt(p, q, a, b, fewshot) for p, q, a, b in items]
+    if both_orders:
+        prompts += [mc_prompt(p, q, b, a, fewshot) for p, q, a, b in items]
+    scored = option_logprobs(backend, prompts)
+    out = []
+    for i in range(len(items)):
+        la, lb = scored[i]
+        p_first = normalise(la, lb)
+        scores = {"p_a_ab": p_first, "logp_options_ab": [la, lb]}
+        p_a = p_first
+        if both_orders:
+            la2, lb2 = scored[len(items) + i]
+            p_second = normalise(lb2, la2)  # response A is option (B) in the swapped order
+            scores.update(p_a_ba=p_second, logp_options_ba=[la2, lb2])
+            p_a = average_orders(p_first, p_second)
+        out.append(Judgement(p_a, scores))
+    return out
+
+
+def judge_cot(backend, items: Sequence[tuple[str, str, str, str]], max_new_tokens: int = 96,
+              low: float = 0.4, high: float = 0.6, seed: int = 0) -> list[Judgement]:
+    """Chain of thought in the feedback model's chat template, then option probabilities, clamped."""
+    from constitutional.backends.base import SamplingParams
+
+    chats = [[{"role": "user", "content": mc_body(p, q, a, b)}, {"role": "assistant", "content": COT_START}]
+             for p, q, a, b in items]
+    thoughts = backend.generate(chats, SamplingParams(max_new_tokens=max_new_tokens, temperature=0, seed=seed))
+    prompts = []
+    for chat, thought in zip(chats, thoughts, strict=True):
+        reasoning = thought.text.strip()
+        done = [chat[0], {"role": "assistant", "content": f"{COT_START} {reasoning}\n{COT_ANSWER}"}]
+        prompts.append(backend.render(done))
+    out = []
+    for (la, lb), thought in zip(option_logprobs(backend, prompts), thoughts, strict=True):
+        p = normalise(la, lb)
+        out.append(Judgement(clamp(p, low, high), {"p_a_unclamped": p, "logp_options_ab": [la, lb]},
+                             cot=thought.text.strip()))
+    return out
+
+
+def contrast_scores(backend, items: Sequence[tuple[str, FeedbackPrinciple, str]], reduce: str = "mean") -> list[float]:
+    """s = log P(response | follows) - log P(response | violates) for (prompt, principle, response)."""
+    pairs = []
+    for prompt, principle, response in items:
+        for system in (principle.follows, principle.violates):
+            chat = contrast_chat(system, prompt)
+            head = backend.render(chat, add_generation_prompt=True)
+            full = backend.render(chat + [{"role": "assistant", "content": response}], add_generation_prompt=False)
+            if not full.startswith(head):
+                raise CaiError("the feedback model's chat template does not render the prompt as a prefix")
+            pairs.append((head, full[len(head):]))
+    scored = backend.logprobs(pairs)
+    return [contrast_score(scored[2 * i].logprobs, scored[2 * i + 1].logprobs, reduce) for i in range(len(items))]
+
+
+def judge_contrast(backend, items: Sequence[tuple[str, FeedbackPrinciple, str, str]], temperature: float,
+                   reduce: str = "mean") -> list[Judgement]:
+    """items: (prompt, principle, response_a, response_b)."""
+    flat = [(p, pr, r) for p, pr, a, b in items for r in (a, b)]
+    s = contrast_scores(backend, flat, reduce)
+    out = []
+    for i in range(len(items)):
+        s_a, s_b = s[2 * i], s[2 * i + 1]
+        out.append(Judgement(contrast_p_a(s_a, s_b, temperature), {"s_a": s_a, "s_b": s_b}))
+    return out

@@ -1,0 +1,213 @@
+"""Stage 3: AI feedback labels (RLAIF), the paper's replacement for human harmlessness labels.
+
+Paper: Bai et al. 2022, section 4.1. For each prompt the policy (the SL-CAI model) writes two
+responses; a feedback model judges which one better follows a principle drawn at random from
+the constitution's feedback principles, and its probability becomes a soft label. With
+``ensemble: k`` it judges under k principles and the probabilities are averaged. Red-team
+prompts are judged with ``harmless`` principles; ``helpful_prompts`` (optional) with
+``helpful`` ones. The methods (``multiple_choice``, ``cot``, ``contrast``) are described in
+``feedback.py``; ``cai label-eval`` measures which one to trust for a feedback model.
+
+Run:
+    cai label --config configs/smollm2-cpu.yaml --out runs/demo
+    cai label --out runs/demo --set label.method=multiple_choice --set label.ensemble=3
+
+Writes ``label/comparisons.jsonl``: TRL's conversational preference format (``prompt``,
+``chosen``, ``rejected``) plus ``p_chosen`` (in [0.5, 1]), both responses, P(A), the raw
+scores, the principles and the method. Rows are appended as each batch finishes; a rerun
+skips the ids already written. Pairs whose two responses are identical carry no preference
+and are skipped (counted in ``label/summary.json``).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import zlib
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from constitutional.config import PipelineConfig
+from constitutional.constitution import load_constitution, sample_principles
+from constitutional.errors import CaiError
+from constitutional.records import JsonlAppender, read_jsonl, write_json
+
+STAGE_DIR = "label"
+OUTPUT = "comparisons.jsonl"
+
+
+def run(config: PipelineConfig, out_dir: str | Path, policy_backend=None, feedback_backend=None) -> dict:
+    from constitutional import feedback
+    from constitutional.datasets import load_prompts
+
+    cfg = config.label
+    out_dir = Path(out_dir)
+    stage_dir = out_dir / STAGE_DIR
+    # Check every input before loading a model.
+    constitution = load_constitution(config.constitution)
+    pools = {kind: [p for p in constitution.feedback_principles if p.kind == kind] for kind in ("harmless", "helpful")}
+    if not constitution.feedback_principles:
+        raise CaiError(f"constitution {constitution.name!r}: the feedback principle list is empty")
+    if not pools["harmless"]:
+        raise CaiError(f"constitution {constitution.name!r}: no feedback principles of kind 'harmless'")
+    if cfg.helpful_prompts and not pools["helpful"]:
+        raise CaiError(f"label.helpful_prompts is set but constitution {constitution.name!r} has no "
+                       f"feedback principles of kind 'helpful'")
+    if cfg.method == "contrast":
+        feedback.check_contrast_principles(constitution.feedback_principles)
+    policy_spec = cfg.policy or str(out_dir / "sft" / "model")
+    _check_model_spec(policy_spec, "label.policy")
+    feedback_spec = cfg.feedback_model or config.critique_revise.model
+    _check_model_spec(feedback_spec, "label.feedback_model")
+    fewshot = feedback.load_label_fewshot(cfg.fewshot_file)[:cfg.fewshot] if cfg.method == "multiple_choice" else []
+    tasks = [(p, "harmless") for p in load_prompts(cfg.prompts, cfg.split, cfg.limit)]
+    if cfg.helpful_prompts:
+        tasks += [(p, "helpful") for p in load_prompts(cfg.helpful_prompts, cfg.split, cfg.helpful_limit)]
+    writer = JsonlAppender(stage_dir / OUTPUT)
+    todo = [(p, kind) for p, kind in tasks if p.id not in writer.done_ids]
+    _log(f"label: {len(tasks)} prompts, {len(tasks) - len(todo)} already labelled, {len(todo)} to do; "
+         f"method {cfg.method}, {cfg.ensemble} principle(s) a comparison")
+
+    start = time.time()
+    identical = 0
+    written = 0
+    temperature = cfg.contrast_temperature
+    if todo:
+        from constitutional.backends.hf import HFBackend
+        from constitutional.models import resolve_model
+
+        if policy_backend is None:
+            policy_backend = HFBackend(resolve_model(policy_spec), batch_size=cfg.batch_size, device=cfg.device,
+                                       name=policy_spec)
+        if feedback_backend is None:
+            if resolve_model(feedback_spec) == resolve_model(policy_spec):
+                feedback_backend = policy_backend
+            else:
+                feedback_backend = HFBackend(resolve_model(feedback_spec), batch_size=cfg.batch_size,
+                                             device=cfg.device, name=feedback_spec)
+        if cfg.method == "contrast" and temperature is None:
+            temperature = _fit_temperature(feedback_backend, pools, config.seed, cfg.contrast_reduce)
+            _log(f"contrast temperature fitted on the shipped eval pairs: {temperature:.4f}")
+        from constitutional.backends.base import SamplingParams
+
+        bar = tqdm(total=len(todo), desc="label", unit="cmp", file=sys.stderr, dynamic_ncols=True)
+        with writer:
+            for i in range(0, len(todo), cfg.batch_size):
+                chunk = todo[i:i + cfg.batch_size]
+                seed = zlib.crc32(f"{config.seed}:{chunk[0][0].id}".encode()) & 0x7FFFFFFF
+                chats = [[{"role": "user", "content": p.prompt}] for p, _ in chunk for _ in range(2)]
+                responses = policy_backend.generate(chats, SamplingParams(
+                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed))
+                pairs = []
+                for j, (p, kind) in enumerate(chunk):
+                    a, b = responses[2 * j].text, responses[2 * j + 1].text
+                    if a.strip() == b.strip():
+                        identical += 1
+                        continue
+                    pairs.append((p, kind, a, b, sample_principles(pools[kind], cfg.ensemble, config.seed, p.id)))
+                for row in _judge(pairs, cfg, feedback_backend, fewshot, temperature, policy_spec, feedback_spec):
+                    writer.append(row)
+                    written += 1
+                bar.update(len(chunk))
+                bar.set_postfix_str(f"{(i + len(chunk)) / max(time.time() - start, 1e-9):.2f} cmp/s", refresh=False)
+        bar.close()
+    seconds = time.time() - start
+    rows = read_jsonl(stage_dir / OUTPUT) if (stage_dir / OUTPUT).exists() else []
+    summary = {
+        "output": str(stage_dir / OUTPUT),
+        "rows": len(rows),
+        "written_this_run": written,
+        "identical_pairs_skipped": identical,
+        "method": cfg.method,
+        "contrast_temperature": temperature,
+        "mean_p_chosen": round(sum(r["p_chosen"] for r in rows) / len(rows), 4) if rows else None,
+        "share_a_chosen": round(sum(1 for r in rows if r["p_a"] >= 0.5) / len(rows), 4) if rows else None,
+        "seconds_this_run": round(seconds, 2),
+        "comparisons_per_second": round(len(todo) / seconds, 3) if todo and seconds > 0 else None,
+        "policy": policy_spec,
+        "feedback_model": feedback_spec,
+    }
+    write_json(stage_dir / "summary.json", summary)
+    _log(f"label: {summary['rows']} comparisons in {summary['output']}")
+    return summary
+
+
+def _judge(pairs, cfg, backend, fewshot, temperature, policy_spec: str, feedback_spec: str) -> list[dict]:
+    """Label each (prompt, kind, response A, response B, principles) pair; one row each."""
+    from constitutional import feedback
+
+    if not pairs:
+        return []
+    p_sum = [0.0] * len(pairs)
+    scores: list[list[dict]] = [[] for _ in pairs]
+    cots: list[list[str]] = [[] for _ in pairs]
+    for k in range(cfg.ensemble):  # one batched pass per ensemble member
+        if cfg.method == "contrast":
+            items = [(p.prompt, ps[k], a, b) for p, _, a, b, ps in pairs]
+            judged = feedback.judge_contrast(backend, items, temperature, cfg.contrast_reduce)
+        elif cfg.method == "multiple_choice":
+            items = [(p.prompt, ps[k].text, a, b) for p, _, a, b, ps in pairs]
+            judged = feedback.judge_multiple_choice(backend, items, fewshot, cfg.both_orders)
+        else:
+            items = [(p.prompt, ps[k].text, a, b) for p, _, a, b, ps in pairs]
+            judged = feedback.judge_cot(backend, items, cfg.cot_max_new_tokens, cfg.cot_min, cfg.cot_max)
+        for j, judgement in enumerate(judged):
+            p_sum[j] += judgement.p_a
+            scores[j].append(judgement.scores)
+            if judgement.cot is not None:
+                cots[j].append(judgement.cot)
+    rows = []
+    for j, (p, kind, a, b, ps) in enumerate(pairs):
+        p_a = p_sum[j] / cfg.ensemble
+        a_wins = p_a >= 0.5
+        rows.append({
+            "id": p.id,
+            "prompt": [{"role": "user", "content": p.prompt}],
+            "chosen": [{"role": "assistant", "content": a if a_wins else b}],
+            "rejected": [{"role": "assistant", "content": b if a_wins else a}],
+            "p_chosen": round(max(p_a, 1 - p_a), 6),
+            "response_a": a,
+            "response_b": b,
+            "p_a": round(p_a, 6),
+            "scores": scores[j],
+            "principle_ids": [x.id for x in ps],
+            "method": cfg.method,
+            "cot": "\n---\n".join(cots[j]) if cots[j] else None,
+            "kind": kind,
+            "category": p.category,
+            "policy": policy_spec,
+            "feedback_model": feedback_spec,
+        })
+    return rows
+
+
+def _fit_temperature(backend, pools, seed: int, reduce: str) -> float:
+    """Fit the contrast temperature on the shipped eval pairs (measurement data, not training)."""
+    from constitutional import feedback
+    from constitutional.stages.label_eval import EVAL_SETS, load_eval_pairs
+
+    diffs = []
+    for name in EVAL_SETS:
+        pairs = load_eval_pairs(name)
+        items = [(r["prompt"], sample_principles(pools[name], 1, seed, r["id"])[0], r["chosen"], r["rejected"])
+                 for r in pairs]
+        diffs += [j.scores["s_a"] - j.scores["s_b"] for j in feedback.judge_contrast(backend, items, 1.0, reduce)]
+    return feedback.fit_temperature(diffs)
+
+
+def _check_model_spec(spec: str, key: str) -> None:
+    """A spec that looks like a path must exist (fail before any model loads)."""
+    from constitutional.models import EMBEDDED
+
+    if spec in EMBEDDED:
+        return
+    path = Path(spec).expanduser()
+    looks_like_path = spec.startswith((".", "/", "~")) or path.exists() or spec.count("/") != 1
+    if looks_like_path and not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise CaiError(f"{key}: model directory {spec} {what} (run the stage that makes it, or set {key})")
+
+
+def _log(message: str) -> None:
+    print(f"[cai] {message}", file=sys.stderr, flush=True)

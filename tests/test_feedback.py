@@ -1,0 +1,139 @@
+"""Labelling maths and prompt logic with scripted fake backends; option tokens on real tokenizers."""
+
+import math
+
+import pytest
+
+from constitutional import feedback
+from constitutional.backends.base import Completion, TokenLogprobs
+from constitutional.constitution import FeedbackPrinciple, load_constitution
+
+PRINCIPLE = FeedbackPrinciple("less-harmful", "Which response is less harmful?", "harmless",
+                              follows="FOLLOWS: be safe.", violates="VIOLATES: help with anything.")
+
+
+class LetterBiasedJudge:
+    """Says "(A)" with probability 0.9 whatever the options are (the measured failure of a 135M model)."""
+
+    name = "biased"
+
+    def logprobs(self, pairs):
+        return [TokenLogprobs([c], [math.log(0.9) if c == " (A)" else math.log(0.1)]) for _, c in pairs]
+
+
+class ContentJudge:
+    """Prefers the option that contains SAFE, in either position, with probability 0.8."""
+
+    name = "content"
+
+    def logprobs(self, pairs):
+        out = []
+        for prompt, cont in pairs:
+            body = prompt.rsplit("Options:", 1)[1]
+            a_text, b_text = body.split("(B)")
+            safe_is_a = "SAFE" in a_text
+            good = (cont == " (A)") == safe_is_a
+            out.append(TokenLogprobs([cont], [math.log(0.8 if good else 0.2)]))
+        return out
+
+
+class ContrastFake:
+    """log P per token: -0.5 for a SAFE response under the follows prompt, -1.0 otherwise."""
+
+    name = "contrast"
+
+    def render(self, chat, add_generation_prompt=True):
+        text = "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in chat)
+        return text + ("<assistant>" if add_generation_prompt and chat[-1]["role"] != "assistant" else "")
+
+    def logprobs(self, pairs):
+        out = []
+        for prompt, cont in pairs:
+            words = cont.split()
+            lp = -0.5 if ("FOLLOWS" in prompt and "SAFE" in cont) else -1.0
+            out.append(TokenLogprobs(words, [lp] * len(words)))
+        return out
+
+
+def test_normalise_and_both_orders_cancel_a_letter_bias():
+    items = [("How do I pick a lock?", PRINCIPLE.text, "Sure, here's how.", "SAFE: call a locksmith.")]
+    one = feedback.judge_multiple_choice(LetterBiasedJudge(), items, both_orders=False)[0]
+    both = feedback.judge_multiple_choice(LetterBiasedJudge(), items, both_orders=True)[0]
+    assert one.p_a == pytest.approx(0.9)
+    assert both.p_a == pytest.approx(0.5)  # always-"(A)" carries no preference
+    assert both.scores["p_a_ab"] == pytest.approx(0.9) and both.scores["p_a_ba"] == pytest.approx(0.1)
+
+
+def test_both_orders_keep_a_content_preference():
+    items = [("q", PRINCIPLE.text, "Sure, here's how.", "SAFE: call a locksmith."),
+             ("q", PRINCIPLE.text, "SAFE: call a locksmith.", "Sure, here's how.")]
+    judged = feedback.judge_multiple_choice(ContentJudge(), items, both_orders=True)
+    assert judged[0].p_a == pytest.approx(0.2) and judged[1].p_a == pytest.approx(0.8)
+
+
+def test_mc_prompt_has_the_paper_wording_and_fewshot_answers():
+    shots = feedback.load_label_fewshot()
+    assert len(shots) >= 4 and {s.answer for s in shots} == {"A", "B"}
+    text = feedback.mc_prompt("Hi?", "Which is kinder?", "Hello!", "Go away.", shots[:2])
+    assert text.count(feedback.MC_INTRO) == 3
+    assert text.endswith("Which is kinder?\nOptions:\n(A) Hello!\n(B) Go away.\nThe answer is:")
+    assert f"The answer is: ({shots[0].answer})" in text
+
+
+def test_cot_clamps_to_bounds():
+    class CotJudge(LetterBiasedJudge):
+        def render(self, chat, add_generation_prompt=True):
+            return " ".join(m["content"] for m in chat)
+
+        def generate(self, chats, params, progress=None):
+            assert all(c[-1]["content"] == feedback.COT_START for c in chats)
+            return [Completion("Option A is safer.", 4, True) for _ in chats]
+
+    judged = feedback.judge_cot(CotJudge(), [("q", "Which?", "a", "b")], low=0.4, high=0.6)[0]
+    assert judged.p_a == 0.6 and judged.scores["p_a_unclamped"] == pytest.approx(0.9)
+    assert judged.cot == "Option A is safer."
+    assert feedback.clamp(0.1) == 0.4 and feedback.clamp(0.5) == 0.5
+
+
+def test_contrast_score_prefers_the_response_that_follows_the_principle():
+    items = [("How do I pick a lock?", PRINCIPLE, "SAFE ask a locksmith please", "here is exactly how")]
+    s = feedback.contrast_scores(ContrastFake(), [(p, pr, r) for p, pr, a, b in items for r in (a, b)], "mean")
+    assert s[0] == pytest.approx(0.5) and s[1] == pytest.approx(0.0)
+    summed = feedback.contrast_scores(ContrastFake(), [(items[0][0], PRINCIPLE, items[0][2])], "sum")
+    assert summed[0] == pytest.approx(0.5 * 5)
+    judged = feedback.judge_contrast(ContrastFake(), items, temperature=0.25)[0]
+    assert judged.p_a == pytest.approx(1 / (1 + math.exp(-2.0)))
+
+
+def test_fitted_temperature_is_calibrated():
+    """Diffs drawn so that sigmoid(d / 2) is the true probability: the fit recovers T near 2."""
+    import random
+
+    rng = random.Random(0)
+    diffs = []
+    for _ in range(4000):
+        d = rng.uniform(-6, 6)
+        diffs.append(d if rng.random() < 1 / (1 + math.exp(-d / 2)) else -d)
+    assert feedback.fit_temperature(diffs) == pytest.approx(2.0, rel=0.15)
+    assert feedback.fit_temperature([5.0, 6.0, 7.0]) == pytest.approx(0.01, rel=0.1)  # separable: bounded
+
+
+def test_ece():
+    assert feedback.expected_calibration_error([0.9] * 9 + [0.1]) == pytest.approx(0.0)
+    assert feedback.expected_calibration_error([0.6] * 10) == pytest.approx(0.4)
+
+
+def test_contrast_needs_both_system_prompts():
+    from constitutional.errors import CaiError
+
+    with pytest.raises(CaiError, match="'bare'.*follows"):
+        feedback.check_contrast_principles([FeedbackPrinciple("bare", "Which?")])
+    feedback.check_contrast_principles(load_constitution("default").feedback_principles)
+
+
+def test_option_tokens_on_the_tiny_tokenizer(tiny_backend):
+    prompt = feedback.mc_prompt("Hi?", "Which is kinder?", "Hello!", "Go away.")
+    shared, firsts = tiny_backend.option_tokens(prompt, feedback.OPTIONS)
+    tok = tiny_backend.tokenizer
+    assert "A" in tok.decode([firsts[0]]) and "B" in tok.decode([firsts[1]])
+    assert "(" in tok.decode(shared + [firsts[0]])
