@@ -103,3 +103,20 @@ def test_principle_sampling_is_seeded_and_covers_all():
     assert len(set(draws)) > 1  # another seed, another draw
     seen = {p.id for k in range(400) for p in sample_principles(principles, 1, seed=0, key=str(k))}
     assert seen == {p.id for p in principles}  # uniform draw reaches every principle
+
+
+def test_contrast_base_prefixes_each_principles_system_prompts(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "contrast_base:\n  harmless: {follows: 'Be safe.', violates: 'Help with anything.'}\n"
+        "feedback_principles:\n"
+        "  - {id: a, text: 'Which is less harmful?', follows: 'Mind privacy.', violates: 'Leak data.'}\n"
+        "  - {id: b, text: 'Which is less toxic?'}\n"
+        "  - {id: c, kind: helpful, text: 'Which is more useful?'}\n")
+    a, b, c = load_constitution(path).feedback_principles
+    assert (a.follows, a.violates) == ("Be safe. Mind privacy.", "Help with anything. Leak data.")
+    assert (b.follows, b.violates) == ("Be safe.", "Help with anything.")  # the stance alone
+    assert c.follows is None  # no base for its kind
+    path.write_text("contrast_base:\n  funny: {follows: x, violates: y}\nfeedback_principles: []\n")
+    with pytest.raises(CaiError, match="contrast_base.funny: unknown kind"):
+        load_constitution(path)

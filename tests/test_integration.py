@@ -40,3 +40,21 @@ def test_critique_revise_on_the_embedded_model(tmp_path):
         assert row["messages"][0] == {"role": "user", "content": row["prompt"]}
     summary = json.loads((tmp_path / "critique_revise" / "summary.json").read_text())
     assert summary["rows"] == 2 and summary["tokens_generated_this_run"] > 0
+
+
+def test_option_tokens_on_the_embedded_tokenizer():
+    """' (A)' / ' (B)' after 'The answer is:' differ in exactly one token that reads A / B."""
+    from constitutional.backends.hf import HFBackend
+    from constitutional.feedback import OPTIONS, mc_prompt
+
+    backend = HFBackend(models.resolve_model("smollm2-135m-instruct"), device="cpu")
+    prompt = mc_prompt("Hi?", "Which is kinder?", "Hello!", "Go away.")
+    shared, firsts = backend.option_tokens(prompt, OPTIONS)
+    tok = backend.tokenizer
+    assert [tok.decode([t]).strip() for t in firsts] == ["A", "B"]
+    assert tok.decode(shared).strip() == "("
+    # the one-pass reading equals the full-continuation score of that token
+    (la, lb), = backend.option_logprobs([prompt], OPTIONS)
+    full_a, full_b = backend.logprobs([(prompt, OPTIONS[0]), (prompt, OPTIONS[1])])
+    assert la == pytest.approx(full_a.logprobs[len(shared)], abs=1e-4)
+    assert lb == pytest.approx(full_b.logprobs[len(shared)], abs=1e-4)

@@ -18,6 +18,11 @@ Files this module reads:
       feedback_principles:
         - {id: less-harmful, kind: harmless, text: "...", follows: "...", violates: "..."}
 
+* An optional top-level ``contrast_base: {harmless: {follows, violates}, helpful: {...}}`` is a
+shared stance put before every feedback principle's own ``follows``/``violates`` prompt of that
+kind (on the embedded model, describing the behaviour itself, "refuses and offers a safe
+alternative" vs. "helps with anything and never refuses", is what makes contrast labels work).
+
 * Anthropic's published JSON: an object ``{name: {"prompt": [critique], "edit_request": revision}}``
   for SL principles, or a list of strings for feedback principles.
 
@@ -171,8 +176,9 @@ def _check_keys(item, allowed: set[str], required: set[str], path: Path, where: 
 
 
 def _from_yaml(data, path: Path) -> Constitution:
-    top = {"name", "version", "description", "sl_principles", "feedback_principles"}
+    top = {"name", "version", "description", "sl_principles", "feedback_principles", "contrast_base"}
     _check_keys(data, top, set(), path, "top level")
+    base = _contrast_base(data.get("contrast_base"), path)
     if "sl_principles" not in data and "feedback_principles" not in data:
         raise CaiError(f"{path}: top level: needs sl_principles or feedback_principles")
     sl: list[Principle] = []
@@ -195,12 +201,17 @@ def _from_yaml(data, path: Path) -> Constitution:
         kind = item.get("kind", "harmless")
         if kind not in FEEDBACK_KINDS:
             raise CaiError(f"{path}: {where}.kind: expected one of {', '.join(FEEDBACK_KINDS)}, got {kind!r}")
+        follows = _text(item["follows"], path, f"{where}.follows") if "follows" in item else None
+        violates = _text(item["violates"], path, f"{where}.violates") if "violates" in item else None
+        if kind in base:  # the shared stance first, then what this principle adds
+            follows = " ".join(x for x in (base[kind][0], follows) if x)
+            violates = " ".join(x for x in (base[kind][1], violates) if x)
         p = FeedbackPrinciple(
             id=_text(item["id"], path, f"{where}.id"),
             text=_text(item["text"], path, f"{where}.text"),
             kind=kind,
-            follows=_text(item["follows"], path, f"{where}.follows") if "follows" in item else None,
-            violates=_text(item["violates"], path, f"{where}.violates") if "violates" in item else None,
+            follows=follows,
+            violates=violates,
         )
         if any(q.id == p.id for q in fb):
             raise CaiError(f"{path}: {where}.id: duplicate id {p.id!r}")
@@ -210,6 +221,22 @@ def _from_yaml(data, path: Path) -> Constitution:
             raise CaiError(f"{path}: {key}: expected a list, got {type(data[key]).__name__}")
     name = str(data.get("name") or path.stem)
     return Constitution(name, tuple(sl), tuple(fb), (str(path),))
+
+
+def _contrast_base(data, path: Path) -> dict[str, tuple[str, str]]:
+    """``contrast_base: {harmless: {follows, violates}, helpful: {...}}`` -> {kind: (follows, violates)}."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CaiError(f"{path}: contrast_base: expected a mapping of kind -> follows/violates")
+    out = {}
+    for kind, item in data.items():
+        if kind not in FEEDBACK_KINDS:
+            raise CaiError(f"{path}: contrast_base.{kind}: unknown kind (kinds: {', '.join(FEEDBACK_KINDS)})")
+        _check_keys(item, {"follows", "violates"}, {"follows", "violates"}, path, f"contrast_base.{kind}")
+        out[kind] = (_text(item["follows"], path, f"contrast_base.{kind}.follows"),
+                     _text(item["violates"], path, f"contrast_base.{kind}.violates"))
+    return out
 
 
 def _from_anthropic_json(data, path: Path) -> Constitution:

@@ -317,6 +317,12 @@ def judge_cot(backend, items: Sequence[tuple[str, str, str, str]], max_new_token
 
 def contrast_scores(backend, items: Sequence[tuple[str, FeedbackPrinciple, str]], reduce: str = "mean") -> list[float]:
     """s = log P(response | follows) - log P(response | violates) for (prompt, principle, response)."""
+    return [contrast_score(f, v, reduce) for f, v in contrast_token_logprobs(backend, items)]
+
+
+def contrast_token_logprobs(backend, items: Sequence[tuple[str, FeedbackPrinciple, str]]
+                            ) -> list[tuple[list[float], list[float]]]:
+    """Per-token log-probs of each response under the follows and the violates system prompt."""
     pairs = []
     for prompt, principle, response in items:
         for system in (principle.follows, principle.violates):
@@ -327,14 +333,20 @@ def contrast_scores(backend, items: Sequence[tuple[str, FeedbackPrinciple, str]]
                 raise CaiError("the feedback model's chat template does not render the prompt as a prefix")
             pairs.append((head, full[len(head):]))
     scored = backend.logprobs(pairs)
-    return [contrast_score(scored[2 * i].logprobs, scored[2 * i + 1].logprobs, reduce) for i in range(len(items))]
+    return [(scored[2 * i].logprobs, scored[2 * i + 1].logprobs) for i in range(len(items))]
 
 
 def judge_contrast(backend, items: Sequence[tuple[str, FeedbackPrinciple, str, str]], temperature: float,
-                   reduce: str = "mean") -> list[Judgement]:
-    """items: (prompt, principle, response_a, response_b)."""
+                   reduce: str = "mean", token_logprobs=None) -> list[Judgement]:
+    """items: (prompt, principle, response_a, response_b).
+
+    ``token_logprobs``: the result of ``contrast_token_logprobs`` on the flattened responses,
+    if already computed (label-eval scores once and reduces both ways).
+    """
     flat = [(p, pr, r) for p, pr, a, b in items for r in (a, b)]
-    s = contrast_scores(backend, flat, reduce)
+    if token_logprobs is None:
+        token_logprobs = contrast_token_logprobs(backend, flat)
+    s = [contrast_score(f, v, reduce) for f, v in token_logprobs]
     out = []
     for i in range(len(items)):
         s_a, s_b = s[2 * i], s[2 * i + 1]

@@ -118,6 +118,7 @@ def run(config: PipelineConfig, out_dir: str | Path, variants: list[str] | None 
         backend = HFBackend(resolve_model(model_spec), batch_size=cfg.batch_size, device=cfg.device, name=model_spec)
 
     results: dict = {"feedback_model": model_spec, "fewshot": len(fewshot), "variants": {}}
+    contrast_cache: dict = {}  # both contrast reductions share the same forward passes
     for variant in chosen:
         entry: dict = {}
         start = time.time()
@@ -135,7 +136,11 @@ def run(config: PipelineConfig, out_dir: str | Path, variants: list[str] | None 
                 entry[name] = summarise([j.p_a for j in judged], truth)
             else:
                 items = [(r["prompt"], p, r["a"], r["b"]) for r, p in zip(pairs, picked, strict=True)]
-                judged = feedback.judge_contrast(backend, items, temperature=1.0, reduce=variant.reduce)
+                if name not in contrast_cache:
+                    flat = [(p, pr, x) for p, pr, a, b in items for x in (a, b)]
+                    contrast_cache[name] = feedback.contrast_token_logprobs(backend, flat)
+                judged = feedback.judge_contrast(backend, items, temperature=1.0, reduce=variant.reduce,
+                                                 token_logprobs=contrast_cache[name])
                 diffs = [(j.scores["s_a"] - j.scores["s_b"]) * (1 if a else -1) for j, a in zip(judged, truth,
                                                                                                  strict=True)]
                 entry[name] = _cross_fitted(judged, truth, diffs)
@@ -147,7 +152,7 @@ def run(config: PipelineConfig, out_dir: str | Path, variants: list[str] | None 
             entry["temperature_all_pairs"] = round(feedback.fit_temperature(all_diffs), 5)
         entry["seconds"] = round(time.time() - start, 1)
         results["variants"][variant.name] = entry
-    write_json(Path(out_dir) / STAGE_DIR / "results.json", results)
+        write_json(Path(out_dir) / STAGE_DIR / "results.json", results)  # after each variant
     print(table(results))
     return results
 
