@@ -124,3 +124,13 @@ def test_run_writes_manifest_with_failed_stage(tmp_path, capsys):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["stages"]["critique_revise"]["status"] == "failed"
     assert "missing.jsonl" in manifest["stages"]["critique_revise"]["error"]
+
+
+def test_rerun_with_other_settings_is_refused_but_a_larger_limit_resumes(tmp_path, capsys):
+    critique_revise.run(_config(limit=2), tmp_path, backend=ScriptedBackend())
+    summary = critique_revise.run(_config(limit=4), tmp_path, backend=ScriptedBackend())
+    assert summary["rows"] == 4 and summary["written_this_run"] == 2
+    capsys.readouterr()
+    code = main(["critique-revise", "--out", str(tmp_path), "--set", "critique_revise.rounds=3"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "other settings (rounds)" in err and err.count("\n") == 0

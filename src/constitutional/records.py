@@ -146,3 +146,25 @@ def _cut_torn_tail(path: Path) -> int:
         with path.open("r+b") as f:
             f.truncate(keep)
     return len(data) - keep
+
+
+def check_resume_settings(stage_dir: str | Path, settings: dict, free: set[str] = frozenset()) -> None:
+    """Refuse to resume a stage whose existing output was made with other settings.
+
+    ``settings`` is what the outputs depend on (the stage's config section, the seed, the
+    constitution); keys in ``free`` may change between runs (``limit``, ``batch_size``, ...).
+    The first run records them in ``settings.json``; a later run with different values stops
+    with an error naming the keys, instead of mixing outputs of two configs in one file.
+    """
+    path = Path(stage_dir) / "settings.json"
+    current = {k: v for k, v in settings.items() if k not in free}
+    if path.exists():
+        try:
+            before = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            before = None
+        if isinstance(before, dict) and before != current:
+            changed = sorted(k for k in set(before) | set(current) if before.get(k) != current.get(k))
+            raise CaiError(f"{stage_dir}: existing output was made with other settings ({', '.join(changed)}); "
+                           f"use another --out, or delete {stage_dir} to start the stage again")
+    write_json(path, current)

@@ -31,7 +31,7 @@ import sys
 import time
 import zlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -50,7 +50,14 @@ from constitutional.prompts import (
     response_chat,
     revision_chat,
 )
-from constitutional.records import JsonlAppender, RevisionRow, Round, read_jsonl, write_json
+from constitutional.records import (
+    JsonlAppender,
+    RevisionRow,
+    Round,
+    check_resume_settings,
+    read_jsonl,
+    write_json,
+)
 
 STAGE_DIR = "critique_revise"
 OUTPUT = "revisions.jsonl"
@@ -78,6 +85,8 @@ def run(config: PipelineConfig, out_dir: str | Path, backend: Backend | None = N
     constitution.require_sl()
     pool = load_fewshot(cfg.fewshot_file)
     prompts = load_prompts(cfg.prompts, cfg.split, cfg.limit)
+    check_resume_settings(stage_dir, {**asdict(cfg), "seed": config.seed, "constitution": config.constitution},
+                          free={"limit", "batch_size", "device"})
     writer = JsonlAppender(out_path)
     if writer.repaired_bytes:
         _log(f"cut a torn last line ({writer.repaired_bytes} bytes) from {out_path}")

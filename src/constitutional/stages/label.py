@@ -10,7 +10,7 @@ prompts are judged with ``harmless`` principles; ``helpful_prompts`` (optional) 
 
 Run:
     cai label --config configs/smollm2-cpu.yaml --out runs/demo
-    cai label --out runs/demo --set label.method=multiple_choice --set label.ensemble=3
+    cai label --out runs/mc --set label.policy=runs/demo/sft/model --set label.method=multiple_choice
 
 Writes ``label/comparisons.jsonl``: TRL's conversational preference format (``prompt``,
 ``chosen``, ``rejected``) plus ``p_chosen`` (in [0.5, 1]), both responses, P(A), the raw
@@ -24,6 +24,7 @@ from __future__ import annotations
 import sys
 import time
 import zlib
+from dataclasses import asdict
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 from constitutional.config import PipelineConfig
 from constitutional.constitution import load_constitution, sample_principles
 from constitutional.errors import CaiError
-from constitutional.records import JsonlAppender, read_jsonl, write_json
+from constitutional.records import JsonlAppender, check_resume_settings, read_jsonl, write_json
 
 STAGE_DIR = "label"
 OUTPUT = "comparisons.jsonl"
@@ -64,6 +65,9 @@ def run(config: PipelineConfig, out_dir: str | Path, policy_backend=None, feedba
     tasks = [(p, "harmless") for p in load_prompts(cfg.prompts, cfg.split, cfg.limit)]
     if cfg.helpful_prompts:
         tasks += [(p, "helpful") for p in load_prompts(cfg.helpful_prompts, cfg.split, cfg.helpful_limit)]
+    check_resume_settings(stage_dir, {**asdict(cfg), "policy": policy_spec, "feedback_model": feedback_spec,
+                                      "seed": config.seed, "constitution": config.constitution},
+                          free={"limit", "helpful_limit", "batch_size", "device"})
     writer = JsonlAppender(stage_dir / OUTPUT)
     todo = [(p, kind) for p, kind in tasks if p.id not in writer.done_ids]
     _log(f"label: {len(tasks)} prompts, {len(tasks) - len(todo)} already labelled, {len(todo)} to do; "

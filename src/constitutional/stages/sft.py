@@ -15,12 +15,13 @@ what SFT changed.
 
 Run:
     cai sft --config configs/smollm2-cpu.yaml --out runs/demo
-    cai sft --out runs/demo --set sft.lora=true --set sft.epochs=1
+    cai sft --out runs/lora --set sft.revisions=runs/demo/critique_revise/revisions.jsonl --set sft.lora=true
 
 Reads ``critique_revise/revisions.jsonl``; writes ``sft/helpful_samples.jsonl`` (appended as
 it is generated, resumable), ``sft/checkpoints/``, ``sft/model/``, ``sft/metrics.json`` and,
-with LoRA, the unmerged ``sft/adapter/``. To train again from scratch with another config,
-delete ``sft/checkpoints/`` (a rerun otherwise resumes from the last checkpoint there).
+with LoRA, the unmerged ``sft/adapter/``. A rerun resumes from the last checkpoint; raising
+``epochs`` or ``max_steps`` continues training, other setting changes are refused (see
+``records.check_resume_settings``): use a new ``--out``.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ import shutil
 import sys
 import time
 import zlib
+from dataclasses import asdict
 from pathlib import Path
 
 from constitutional.config import PipelineConfig
 from constitutional.errors import CaiError
-from constitutional.records import JsonlAppender, iter_jsonl, write_json
+from constitutional.records import JsonlAppender, check_resume_settings, iter_jsonl, write_json
 
 STAGE_DIR = "sft"
 
@@ -172,6 +174,8 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
             raise CaiError("sft.tensorboard: install the tensorboard package "
                            "(pip install 'constitutional[tensorboard]')") from None
     model_spec = cfg.model or config.critique_revise.model
+    check_resume_settings(stage_dir, {**asdict(cfg), "model": model_spec, "seed": config.seed},
+                          free={"epochs", "max_steps", "save_steps", "tensorboard", "generate_batch_size", "device"})
     n_helpful = helpful_count(len(rev_train), cfg.helpful_fraction)
     _log(f"sft: {len(rev_train)} revisions to train on, {len(rev_held)} held out, "
          f"{degenerate} degenerate left out; {n_helpful} helpfulness examples to mix in")
