@@ -5,6 +5,8 @@
     cai sft [--config CONFIG] --out DIR [--set sft.lora=true ...]
     cai label [--config CONFIG] --out DIR [--set label.method=multiple_choice ...]
     cai label-eval [--config CONFIG] --out DIR [--variants contrast-mean,mc-fewshot-both] [--limit N]
+    cai train-pm [--config CONFIG] --out DIR
+    cai score --pm DIR --in rows.jsonl --out scored.jsonl
     cai fetch-model [smollm2-135m-instruct]
 
 Bad input (a malformed constitution, a missing file, a wrong config key) prints one line,
@@ -32,6 +34,7 @@ STAGE_MODULES = {
     "critique_revise": ("critique-revise", "constitutional.stages.critique_revise"),
     "sft": ("sft", "constitutional.stages.sft"),
     "label": ("label", "constitutional.stages.label"),
+    "pm": ("train-pm", "constitutional.stages.pm"),
 }
 
 
@@ -80,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config field, e.g. label.feedback_model=path/to/model")
     p.set_defaults(func=_cmd_label_eval)
 
+    p = sub.add_parser("score", help="score prompt/response rows with a trained preference model")
+    p.add_argument("--pm", required=True, help="preference model directory (e.g. runs/demo/pm/model)")
+    p.add_argument("--in", dest="input", required=True, help="JSONL rows with 'prompt' and 'response'")
+    p.add_argument("--out", required=True, help="JSONL written with a 'score' added to each row")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_score)
+
     p = sub.add_parser("fetch-model", help="download and convert an embedded model into the cache")
     p.add_argument("name", nargs="?", default="smollm2-135m-instruct")
     p.set_defaults(func=_cmd_fetch_model)
@@ -120,6 +130,26 @@ def _cmd_label_eval(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise CaiError("--limit must be at least 1")
     label_eval.run(config, Path(args.out), variants, args.limit)
+    return 0
+
+
+def _cmd_score(args) -> int:
+    import json
+
+    from constitutional.records import iter_jsonl
+    from constitutional.stages.pm import PreferenceModel
+
+    rows = list(iter_jsonl(args.input))
+    for lineno, row in enumerate(rows, 1):
+        if "prompt" not in row or not isinstance(row.get("response"), str):
+            raise CaiError(f"{args.input}: line {lineno}: needs 'prompt' (string or messages) and 'response' (string)")
+    pm = PreferenceModel(args.pm, device=args.device)
+    scores = pm.score([r["prompt"] for r in rows], [r["response"] for r in rows])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        for row, score in zip(rows, scores, strict=True):
+            f.write(json.dumps({**row, "score": score}, ensure_ascii=False) + "\n")
+    print(f"scored {len(rows)} rows into {args.out}")
     return 0
 
 

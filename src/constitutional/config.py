@@ -209,6 +209,48 @@ class LabelConfig:
 
 
 @dataclass
+class PmConfig:
+    """Stage 4, ``cai train-pm``: a preference model trained on the soft AI labels.
+
+    base: model the PM starts from, given a one-output classification head (None: the run's sft/model).
+    comparisons: comparisons JSONL (None: the run's label/comparisons.jsonl).
+    helpful_data: extra comparisons in TRL's preference format (prompt/chosen/rejected, optional
+        p_chosen), e.g. from ``cai label`` with helpful prompts (None: none).
+    helpful_fraction: at most this share of the training mix comes from helpful_data, in [0, 1).
+    heldout_fraction: share of prompts held out (a prompt's pairs are all on one side).
+    epochs: passes over the training pairs.
+    max_steps: stop after this many optimizer steps (None: run all epochs).
+    learning_rate: peak learning rate.
+    batch_size: pairs per optimizer step.
+    max_length: pairs longer than this many tokens are left out.
+    save_steps: write a checkpoint every this many steps (a rerun resumes from the last one).
+    device: ``auto`` (cuda if available), ``cpu`` or ``cuda``.
+    """
+
+    base: str | None = None
+    comparisons: str | None = None
+    helpful_data: str | None = None
+    helpful_fraction: float = 0.25
+    heldout_fraction: float = 0.15
+    epochs: float = 2.0
+    max_steps: int | None = None
+    learning_rate: float = 1e-5
+    batch_size: int = 8
+    max_length: int = 512
+    save_steps: int = 10
+    device: str = "auto"
+
+    def check(self) -> None:
+        _require(0 <= self.helpful_fraction < 1, "pm.helpful_fraction", "must be in [0, 1)")
+        _require(0 <= self.heldout_fraction < 1, "pm.heldout_fraction", "must be in [0, 1)")
+        _require(self.epochs > 0, "pm.epochs", "must be more than 0")
+        _require(self.max_steps is None or self.max_steps >= 1, "pm.max_steps", "must be at least 1")
+        _require(self.learning_rate > 0, "pm.learning_rate", "must be more than 0")
+        _require(self.batch_size >= 1, "pm.batch_size", "must be at least 1")
+        _require(self.save_steps >= 1, "pm.save_steps", "must be at least 1")
+
+
+@dataclass
 class PipelineConfig:
     """The whole pipeline.
 
@@ -217,6 +259,7 @@ class PipelineConfig:
     critique_revise: stage 1 settings.
     sft: stage 2 settings.
     label: stage 3 settings.
+    pm: stage 4 settings.
     """
 
     seed: int = 0
@@ -224,8 +267,10 @@ class PipelineConfig:
     critique_revise: CritiqueReviseConfig = field(default_factory=CritiqueReviseConfig)
     sft: SftConfig = field(default_factory=SftConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
+    pm: PmConfig = field(default_factory=PmConfig)
 
     def check(self) -> None:
+        self.pm.check()
         self.critique_revise.check()
         self.sft.check()
         self.label.check()
@@ -234,7 +279,7 @@ class PipelineConfig:
         return dataclasses.asdict(self)
 
 
-STAGES = ("critique_revise", "sft", "label")
+STAGES = ("critique_revise", "sft", "label", "pm")
 
 
 def _require(ok: bool, key: str, message: str) -> None:
