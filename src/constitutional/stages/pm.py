@@ -144,7 +144,9 @@ def calibration_bins(p_pred: list[float], p_label: list[float], bins: int = 10) 
 
 
 def calibration_error(bins: list[dict]) -> float:
-    """>>> calibration_error([{"n": 1, "predicted": 0.7, "observed": 0.6}])
+    """Mean |predicted - observed| over bins, weighted by each bin's share of pairs.
+
+    >>> calibration_error([{"n": 1, "predicted": 0.7, "observed": 0.6}])
     0.1
     """
     total = sum(b["n"] for b in bins)
