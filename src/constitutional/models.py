@@ -93,6 +93,19 @@ def embedded_model_dir(name: str = DEFAULT_MODEL, progress: bool = True) -> Path
     return out
 
 
+def save_model_dir(model, tokenizer, dest: Path) -> Path:
+    """Save a model and its tokenizer as a plain transformers directory (safetensors), atomically:
+    written beside ``dest`` first, then moved into place, so a crash never leaves half a model."""
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + ".saving")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return dest
+
+
 def _convert_gguf(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

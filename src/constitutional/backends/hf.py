@@ -114,12 +114,8 @@ class HFBackend:
         results: list[Completion | None] = [None] * len(chats)
         for batch_index, start in enumerate(range(0, len(order), self.batch_size)):
             rows = order[start:start + self.batch_size]
-            batch = self._pad_after_prefix([encoded[i] for i in rows], len(prefix))
-            kwargs = {}
-            if prefix_cache is not None:
-                cache = copy.deepcopy(prefix_cache)
-                cache.batch_repeat_interleave(len(rows))
-                kwargs["past_key_values"] = cache
+            batch, cache = self._batch_after_prefix([encoded[i] for i in rows], prefix, prefix_cache)
+            kwargs = {"past_key_values": cache} if cache is not None else {}
             if params.seed is not None:
                 torch.manual_seed(params.seed + batch_index)
             out = self.model.generate(**batch, **kwargs, generation_config=config)
@@ -153,6 +149,15 @@ class HFBackend:
         out = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True,
                          logits_to_keep=1)
         return prefix, out.past_key_values
+
+    def _batch_after_prefix(self, rows: list[list[int]], prefix: list[int], prefix_cache):
+        """The padded batch, and a copy of the prefix's KV cache repeated for each row (or None)."""
+        batch = self._pad_after_prefix(rows, len(prefix))
+        if prefix_cache is None:
+            return batch, None
+        cache = copy.deepcopy(prefix_cache)
+        cache.batch_repeat_interleave(len(rows))
+        return batch, cache
 
     def _pad_after_prefix(self, rows: list[list[int]], n_prefix: int) -> dict:
         """Left-pad each row's part after the shared prefix: [prefix][pad ...][suffix].
@@ -211,11 +216,9 @@ class HFBackend:
         results: list[list[float] | None] = [None] * len(encoded)
         for start in range(0, len(order), self.batch_size):
             rows = order[start:start + self.batch_size]
-            batch = self._pad_after_prefix([encoded[i] for i in rows], len(prefix))
+            batch, cache = self._batch_after_prefix([encoded[i] for i in rows], prefix, prefix_cache)
             kwargs = {}
-            if prefix_cache is not None:
-                cache = copy.deepcopy(prefix_cache)
-                cache.batch_repeat_interleave(len(rows))
+            if cache is not None:
                 mask = batch["attention_mask"]
                 kwargs = {"past_key_values": cache,
                           "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)[:, len(prefix):]}

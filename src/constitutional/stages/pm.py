@@ -26,7 +26,6 @@ reward mean/std for RL's normalisation, accuracy on the shipped eval pairs) and
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 import time
 import zlib
@@ -243,7 +242,7 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
     from trl import RewardConfig
 
     from constitutional.backends.hf import pick_device
-    from constitutional.models import resolve_model
+    from constitutional.models import resolve_model, save_model_dir
 
     start = time.time()
     path = resolve_model(base)
@@ -271,13 +270,7 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
         _log(f"resuming from {last}")
     result = trainer.train(resume_from_checkpoint=last)
 
-    final_dir = stage_dir / "model"
-    tmp_dir = stage_dir / "model.saving"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    trainer.model.save_pretrained(tmp_dir, safe_serialization=True)
-    tokenizer.save_pretrained(tmp_dir)
-    shutil.rmtree(final_dir, ignore_errors=True)
-    tmp_dir.rename(final_dir)
+    final_dir = save_model_dir(trainer.model, tokenizer, stage_dir / "model")
 
     pm = PreferenceModel(final_dir, device=device)
     metrics = _evaluate(pm, train, heldout)

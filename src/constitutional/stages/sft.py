@@ -27,7 +27,6 @@ with LoRA, the unmerged ``sft/adapter/``. A rerun resumes from the last checkpoi
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 import time
 import zlib
@@ -184,7 +183,7 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from constitutional.backends.hf import HFBackend, pick_device
-    from constitutional.models import resolve_model
+    from constitutional.models import resolve_model, save_model_dir
 
     start = time.time()
     model_path = resolve_model(model_spec)
@@ -225,13 +224,7 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
         trained.save_pretrained(stage_dir / "adapter", safe_serialization=True)  # small; for reuse
         trained = trained.merge_and_unload()
     trained.eval()
-    final_dir = stage_dir / "model"
-    tmp_dir = stage_dir / "model.saving"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    trained.save_pretrained(tmp_dir, safe_serialization=True)
-    tokenizer.save_pretrained(tmp_dir)
-    shutil.rmtree(final_dir, ignore_errors=True)
-    tmp_dir.rename(final_dir)
+    final_dir = save_model_dir(trained, tokenizer, stage_dir / "model")
 
     after_backend = HFBackend(str(final_dir), model_obj=trained, tokenizer=backend.tokenizer,
                               batch_size=cfg.generate_batch_size, device=device, name=str(final_dir))
