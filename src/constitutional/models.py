@@ -66,6 +66,17 @@ def resolve_model(spec: str) -> str:
     raise CaiError(f"model {spec!r}: no such directory, and not a hub id (embedded models: {known})")
 
 
+def check_model_spec(spec: str, key: str) -> None:
+    """Fail early, before any model loads, if a spec that looks like a path is not a model directory."""
+    if spec in EMBEDDED:
+        return
+    path = Path(spec).expanduser()
+    looks_like_path = spec.startswith((".", "/", "~")) or path.exists() or spec.count("/") != 1
+    if looks_like_path and not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise CaiError(f"{key}: model directory {spec} {what} (run the stage that makes it, or set {key})")
+
+
 def embedded_model_dir(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
     """The cached float32 safetensors directory of an embedded model, built once."""
     entry = EMBEDDED[name]

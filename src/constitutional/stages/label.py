@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from constitutional.config import PipelineConfig
 from constitutional.constitution import load_constitution, sample_principles
 from constitutional.errors import CaiError
+from constitutional.models import check_model_spec
 from constitutional.records import JsonlAppender, check_resume_settings, read_jsonl, write_json
 
 STAGE_DIR = "label"
@@ -58,9 +59,9 @@ def run(config: PipelineConfig, out_dir: str | Path, policy_backend=None, feedba
     if cfg.method == "contrast":
         feedback.check_contrast_principles(constitution.feedback_principles)
     policy_spec = cfg.policy or str(out_dir / "sft" / "model")
-    _check_model_spec(policy_spec, "label.policy")
+    check_model_spec(policy_spec, "label.policy")
     feedback_spec = cfg.feedback_model or config.critique_revise.model
-    _check_model_spec(feedback_spec, "label.feedback_model")
+    check_model_spec(feedback_spec, "label.feedback_model")
     fewshot = feedback.load_label_fewshot(cfg.fewshot_file)[:cfg.fewshot] if cfg.method == "multiple_choice" else []
     tasks = [(p, "harmless") for p in load_prompts(cfg.prompts, cfg.split, cfg.limit)]
     if cfg.helpful_prompts:
@@ -198,19 +199,6 @@ def _fit_temperature(backend, pools, seed: int, reduce: str) -> float:
                  for r in pairs]
         diffs += [j.scores["s_a"] - j.scores["s_b"] for j in feedback.judge_contrast(backend, items, 1.0, reduce)]
     return feedback.fit_temperature(diffs)
-
-
-def _check_model_spec(spec: str, key: str) -> None:
-    """A spec that looks like a path must exist (fail before any model loads)."""
-    from constitutional.models import EMBEDDED
-
-    if spec in EMBEDDED:
-        return
-    path = Path(spec).expanduser()
-    looks_like_path = spec.startswith((".", "/", "~")) or path.exists() or spec.count("/") != 1
-    if looks_like_path and not (path / "config.json").is_file():
-        what = "does not exist" if not path.exists() else "has no config.json"
-        raise CaiError(f"{key}: model directory {spec} {what} (run the stage that makes it, or set {key})")
 
 
 def _log(message: str) -> None:

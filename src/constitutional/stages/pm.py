@@ -34,6 +34,7 @@ from pathlib import Path
 
 from constitutional.config import PipelineConfig
 from constitutional.errors import CaiError
+from constitutional.models import check_model_spec
 from constitutional.records import check_resume_settings, iter_jsonl, write_json
 
 STAGE_DIR = "pm"
@@ -221,9 +222,7 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
     rows = load_comparisons(comparisons_path)
     extra = load_comparisons(Path(cfg.helpful_data)) if cfg.helpful_data else []
     base = cfg.base or str(out_dir / "sft" / "model")
-    from constitutional.stages.label import _check_model_spec
-
-    _check_model_spec(base, "pm.base")
+    check_model_spec(base, "pm.base")
     check_resume_settings(stage_dir, {**asdict(cfg), "base": base, "seed": config.seed},
                           free={"epochs", "max_steps", "save_steps", "device"})
     train, heldout = split_by_prompt(rows, cfg.heldout_fraction, config.seed)
