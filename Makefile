@@ -22,12 +22,16 @@ test: setup
 	$(PY) -m ruff check src tests bench
 	$(PY) -m pytest
 
+lint: setup
+	$(PY) -m ruff check src tests bench
+
 test-fast: setup
 	$(PY) -m pytest -m "not integration"
 
 bench: setup
 	$(PY) bench/generate.py
 	$(PY) bench/train.py
+	$(PY) bench/label.py
 
 clean:
 	rm -rf runs build dist .pytest_cache
