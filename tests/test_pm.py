@@ -126,3 +126,15 @@ def test_killed_after_first_checkpoint_resumes_from_it(tmp_path, tiny_model_dir)
     first = FirstStep()
     metrics = pm.run(config, tmp_path / "run", callbacks=[first])
     assert metrics["resumed_from_step"] == 3 and first.first == 4 and metrics["steps"] == 6
+
+
+def test_same_seed_same_reward_head(tmp_path, tiny_model_dir):
+    comparisons = _synthetic(tmp_path / "c.jsonl", n=24)
+    scores = []
+    for run in ("a", "b"):
+        config = load_config(None, [f"pm.base={tiny_model_dir}", f"pm.comparisons={comparisons}", "pm.max_steps=2",
+                                    "pm.device=cpu"])
+        pm.run(config, tmp_path / run)
+        scorer = pm.PreferenceModel(tmp_path / run / "pm" / "model", device="cpu")
+        scores.append(scorer.score(["Question z"], ["bread safe and kind"])[0])
+    assert scores[0] == pytest.approx(scores[1], abs=1e-6)

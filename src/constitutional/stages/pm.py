@@ -236,7 +236,7 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
 
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
     from transformers.trainer_utils import get_last_checkpoint
     from trl import RewardConfig
 
@@ -249,6 +249,7 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    set_seed(config.seed)  # the new reward head is initialised here, before the Trainer seeds anything
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     dataset = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
