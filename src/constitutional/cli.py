@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
+import json
 import platform
 import sys
 import time
@@ -134,8 +135,6 @@ def _cmd_label_eval(args) -> int:
 
 
 def _cmd_score(args) -> int:
-    import json
-
     from constitutional.records import iter_jsonl
     from constitutional.stages.pm import PreferenceModel
 
@@ -173,8 +172,6 @@ def _run_stages(config: PipelineConfig, out: Path, stages: list[str], config_pat
         "stages": {},
     }
     if manifest_path.exists():  # keep the record of stages run before
-        import json
-
         try:
             manifest["stages"] = json.loads(manifest_path.read_text()).get("stages", {})
         except (json.JSONDecodeError, AttributeError):
