@@ -138,3 +138,13 @@ def test_same_seed_same_reward_head(tmp_path, tiny_model_dir):
         scorer = pm.PreferenceModel(tmp_path / run / "pm" / "model", device="cpu")
         scores.append(scorer.score(["Question z"], ["bread safe and kind"])[0])
     assert scores[0] == pytest.approx(scores[1], abs=1e-6)
+
+
+def test_helpful_comparisons_mix_in_up_to_their_share(tmp_path, tiny_model_dir):
+    harmless = _synthetic(tmp_path / "c.jsonl", n=40, seed=1)
+    helpful = _synthetic(tmp_path / "h.jsonl", n=40, seed=2)
+    config = load_config(None, [f"pm.base={tiny_model_dir}", f"pm.comparisons={harmless}",
+                                f"pm.helpful_data={helpful}", "pm.helpful_fraction=0.25", "pm.max_steps=1",
+                                "pm.heldout_fraction=0.0", "pm.device=cpu"])
+    metrics = pm.run(config, tmp_path / "run")
+    assert metrics["train_pairs"] == 40 + 13  # 13 / 53 is just under a quarter
