@@ -179,7 +179,13 @@ class PreferenceModel:
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).to(self.device)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        try:
+            self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).to(self.device)
+        finally:
+            hf_logging.enable_progress_bar()
         self.model.eval()
         self.batch_size = batch_size
 
