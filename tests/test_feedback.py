@@ -137,3 +137,15 @@ def test_option_tokens_on_the_tiny_tokenizer(tiny_backend):
     tok = tiny_backend.tokenizer
     assert "A" in tok.decode([firsts[0]]) and "B" in tok.decode([firsts[1]])
     assert "(" in tok.decode(shared + [firsts[0]])
+
+
+def test_bad_label_fewshot_file(tmp_path):
+    from constitutional.errors import CaiError
+
+    path = tmp_path / "labels.yaml"
+    path.write_text("examples:\n  - {id: x, prompt: p, question: q, option_a: a, option_b: b, answer: C}\n")
+    with pytest.raises(CaiError, match=r"examples\[0\].answer: expected A or B"):
+        feedback.load_label_fewshot(str(path))
+    path.write_text("examples:\n  - {id: x, prompt: p, question: q, option_a: a, answer: A}\n")
+    with pytest.raises(CaiError, match=r"examples\[0\].option_b: expected a non-empty string"):
+        feedback.load_label_fewshot(str(path))

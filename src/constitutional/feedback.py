@@ -33,10 +33,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
-
-import yaml
 
 from constitutional.constitution import FeedbackPrinciple
 from constitutional.errors import CaiError
@@ -192,24 +188,15 @@ class LabelExample:
 
 
 def load_label_fewshot(spec: str = "default") -> list[LabelExample]:
-    if spec == "default":
-        path = Path(str(resources.files("constitutional") / "data" / "fewshot" / "labels.yaml"))
-    else:
-        path = Path(spec)
-    if not path.is_file():
-        raise CaiError(f"label few-shot file {spec!r}: no such file")
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    """Labelling examples: ``default`` (``data/fewshot/labels.yaml``) or a YAML path."""
+    from constitutional.prompts import load_examples
+
     keys = ("id", "prompt", "question", "option_a", "option_b", "answer")
-    if not isinstance(data, dict) or not isinstance(data.get("examples"), list):
-        raise CaiError(f"{path}: expected a mapping with a list 'examples'")
-    out = []
-    for i, item in enumerate(data["examples"]):
-        if not isinstance(item, dict) or any(not isinstance(item.get(k), str) or not item[k].strip() for k in keys):
-            raise CaiError(f"{path}: examples[{i}]: needs non-empty strings {', '.join(keys)}")
-        if item["answer"] not in ("A", "B"):
-            raise CaiError(f"{path}: examples[{i}].answer: expected A or B, got {item['answer']!r}")
-        out.append(LabelExample(**{k: item[k].strip() for k in keys}))
-    return out
+    examples = load_examples(spec, "labels.yaml", keys)
+    for i, ex in enumerate(examples):
+        if ex["answer"] not in ("A", "B"):
+            raise CaiError(f"few-shot file {spec!r}: examples[{i}].answer: expected A or B, got {ex['answer']!r}")
+    return [LabelExample(**ex) for ex in examples]
 
 
 def conversation_text(prompt: str) -> str:

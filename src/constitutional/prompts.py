@@ -45,10 +45,14 @@ _FEWSHOT_KEYS = ("id", "prompt", "response", "critique_request", "critique", "re
                  "revision")
 
 
-def load_fewshot(spec: str = "default") -> list[FewShotExample]:
-    """``default`` (the shipped ``data/fewshot/critique_revision.yaml``) or a YAML path."""
+def load_examples(spec: str, default_file: str, keys: Sequence[str]) -> list[dict]:
+    """Few-shot examples from a YAML file with a list ``examples`` of mappings with string fields.
+
+    ``spec`` is ``default`` (``data/fewshot/<default_file>``) or a path. Every key must be a
+    non-empty string and no other key may appear; errors name the file and the example.
+    """
     if spec == "default":
-        path = Path(str(resources.files("constitutional") / "data" / "fewshot" / "critique_revision.yaml"))
+        path = Path(str(resources.files("constitutional") / "data" / "fewshot" / default_file))
     else:
         path = Path(spec)
     if not path.is_file():
@@ -64,13 +68,18 @@ def load_fewshot(spec: str = "default") -> list[FewShotExample]:
         if not isinstance(item, dict):
             raise CaiError(f"{path}: examples[{i}]: expected a mapping")
         for key in item:
-            if key not in _FEWSHOT_KEYS:
+            if key not in keys:
                 raise CaiError(f"{path}: examples[{i}]: unknown key {key!r}")
-        for key in _FEWSHOT_KEYS:
+        for key in keys:
             if not isinstance(item.get(key), str) or not item[key].strip():
                 raise CaiError(f"{path}: examples[{i}].{key}: expected a non-empty string")
-        examples.append(FewShotExample(**{k: item[k].strip() for k in _FEWSHOT_KEYS}))
+        examples.append({k: item[k].strip() for k in keys})
     return examples
+
+
+def load_fewshot(spec: str = "default") -> list[FewShotExample]:
+    """Critique/revision examples: ``default`` (``data/fewshot/critique_revision.yaml``) or a YAML path."""
+    return [FewShotExample(**ex) for ex in load_examples(spec, "critique_revision.yaml", _FEWSHOT_KEYS)]
 
 
 def pick_fewshot(examples: Sequence[FewShotExample], count: int, seed: int, key: str) -> list[FewShotExample]:
