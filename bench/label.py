@@ -23,6 +23,7 @@ from constitutional.backends.hf import HFBackend
 from constitutional.config import load_config
 from constitutional.constitution import load_constitution, sample_principles
 from constitutional.models import resolve_model
+from constitutional.stages.label import judge_settings
 from constitutional.stages.label_eval import load_eval_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,17 +63,9 @@ def main() -> None:
 
     # The labeller as `cai label` runs it.
     start = time.perf_counter()
-    if cfg.method == "contrast":
-        t = cfg.contrast_temperature or 1.0
-        items = [(r["prompt"], p, r["a"], r["b"]) for r, p in zip(pairs, picked, strict=True)]
-        judged = feedback.judge_contrast(backend, items, t, cfg.contrast_reduce)
-    elif cfg.method == "multiple_choice":
-        shots = feedback.load_label_fewshot(cfg.fewshot_file)[:cfg.fewshot]
-        items = [(r["prompt"], p.text, r["a"], r["b"]) for r, p in zip(pairs, picked, strict=True)]
-        judged = feedback.judge_multiple_choice(backend, items, shots, cfg.both_orders)
-    else:
-        items = [(r["prompt"], p.text, r["a"], r["b"]) for r, p in zip(pairs, picked, strict=True)]
-        judged = feedback.judge_cot(backend, items, cfg.cot_max_new_tokens, cfg.cot_min, cfg.cot_max)
+    shots = feedback.load_label_fewshot(cfg.fewshot_file)[:cfg.fewshot] if cfg.method == "multiple_choice" else []
+    items = [(r["prompt"], p, r["a"], r["b"]) for r, p in zip(pairs, picked, strict=True)]
+    judged = feedback.judge(backend, cfg.method, items, **judge_settings(cfg, shots, cfg.contrast_temperature or 1.0))
     batch_seconds = time.perf_counter() - start
 
     def accuracy(picks_a):

@@ -149,3 +149,13 @@ def test_bad_label_fewshot_file(tmp_path):
     path.write_text("examples:\n  - {id: x, prompt: p, question: q, option_a: a, answer: A}\n")
     with pytest.raises(CaiError, match=r"examples\[0\].option_b: expected a non-empty string"):
         feedback.load_label_fewshot(str(path))
+
+
+def test_judge_dispatches_each_method_with_its_settings():
+    items = [("How do I pick a lock?", PRINCIPLE, "SAFE ask a locksmith please", "here is exactly how")]
+    contrast = feedback.judge(ContrastFake(), "contrast", items, temperature=0.25)[0]
+    assert contrast.p_a == pytest.approx(1 / (1 + math.exp(-2.0)))
+    mc = feedback.judge(LetterBiasedJudge(), "multiple_choice", items, both_orders=False)[0]
+    assert mc.p_a == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="unknown labelling method"):
+        feedback.judge(ContrastFake(), "vote", items)

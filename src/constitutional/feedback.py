@@ -339,3 +339,22 @@ def judge_contrast(backend, items: Sequence[tuple[str, FeedbackPrinciple, str, s
         s_a, s_b = s[2 * i], s[2 * i + 1]
         out.append(Judgement(contrast_p_a(s_a, s_b, temperature), {"s_a": s_a, "s_b": s_b}))
     return out
+
+
+def judge(backend, method: str, items: Sequence[tuple[str, FeedbackPrinciple, str, str]], *,
+          fewshot: Sequence[LabelExample] = (), both_orders: bool = True, temperature: float = 1.0,
+          reduce: str = "mean", cot_max_new_tokens: int = 96, cot_min: float = 0.4,
+          cot_max: float = 0.6) -> list[Judgement]:
+    """Judge (prompt, principle, response A, response B) items with one of ``METHODS``.
+
+    Multiple choice and chain of thought ask the principle's question (``text``); contrast
+    uses its follows/violates system prompts. The keyword settings of other methods are ignored.
+    """
+    if method == "contrast":
+        return judge_contrast(backend, items, temperature, reduce)
+    questions = [(p, principle.text, a, b) for p, principle, a, b in items]
+    if method == "multiple_choice":
+        return judge_multiple_choice(backend, questions, fewshot, both_orders)
+    if method == "cot":
+        return judge_cot(backend, questions, cot_max_new_tokens, cot_min, cot_max)
+    raise ValueError(f"unknown labelling method {method!r} (methods: {', '.join(METHODS)})")

@@ -148,15 +148,8 @@ def _judge(pairs, cfg, backend, fewshot, temperature, policy_spec: str, feedback
     scores: list[list[dict]] = [[] for _ in pairs]
     cots: list[list[str]] = [[] for _ in pairs]
     for k in range(cfg.ensemble):  # one batched pass per ensemble member
-        if cfg.method == "contrast":
-            items = [(p.prompt, ps[k], a, b) for p, _, a, b, ps in pairs]
-            judged = feedback.judge_contrast(backend, items, temperature, cfg.contrast_reduce)
-        elif cfg.method == "multiple_choice":
-            items = [(p.prompt, ps[k].text, a, b) for p, _, a, b, ps in pairs]
-            judged = feedback.judge_multiple_choice(backend, items, fewshot, cfg.both_orders)
-        else:
-            items = [(p.prompt, ps[k].text, a, b) for p, _, a, b, ps in pairs]
-            judged = feedback.judge_cot(backend, items, cfg.cot_max_new_tokens, cfg.cot_min, cfg.cot_max)
+        items = [(p.prompt, ps[k], a, b) for p, _, a, b, ps in pairs]
+        judged = feedback.judge(backend, cfg.method, items, **judge_settings(cfg, fewshot, temperature))
         for j, judgement in enumerate(judged):
             p_sum[j] += judgement.p_a
             scores[j].append(judgement.scores)
@@ -185,6 +178,13 @@ def _judge(pairs, cfg, backend, fewshot, temperature, policy_spec: str, feedback
             "feedback_model": feedback_spec,
         })
     return rows
+
+
+def judge_settings(cfg, fewshot, temperature) -> dict:
+    """The ``feedback.judge`` keyword settings of a ``label`` config section."""
+    return {"fewshot": fewshot, "both_orders": cfg.both_orders, "temperature": temperature,
+            "reduce": cfg.contrast_reduce, "cot_max_new_tokens": cfg.cot_max_new_tokens,
+            "cot_min": cfg.cot_min, "cot_max": cfg.cot_max}
 
 
 def _fit_temperature(backend, pools, seed: int, reduce: str) -> float:

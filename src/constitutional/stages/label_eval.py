@@ -125,17 +125,13 @@ def run(config: PipelineConfig, out_dir: str | Path, variants: list[str] | None 
         for name, pairs in data.items():
             picked = [sample_principles(principles[name], 1, config.seed, row["id"])[0] for row in pairs]
             truth = [row["chosen_is_a"] for row in pairs]
-            if variant.method == "multiple_choice":
-                items = [(r["prompt"], p.text, r["a"], r["b"]) for r, p in zip(pairs, picked, strict=True)]
-                judged = feedback.judge_multiple_choice(backend, items, fewshot if variant.fewshot else (),
-                                                        variant.both_orders)
-                entry[name] = summarise([j.p_a for j in judged], truth)
-            elif variant.method == "cot":
-                items = [(r["prompt"], p.text, r["a"], r["b"]) for r, p in zip(pairs, picked, strict=True)]
-                judged = feedback.judge_cot(backend, items, cfg.cot_max_new_tokens, cfg.cot_min, cfg.cot_max)
+            items = [(r["prompt"], p, r["a"], r["b"]) for r, p in zip(pairs, picked, strict=True)]
+            if variant.method != "contrast":
+                judged = feedback.judge(backend, variant.method, items, fewshot=fewshot if variant.fewshot else (),
+                                        both_orders=variant.both_orders, cot_max_new_tokens=cfg.cot_max_new_tokens,
+                                        cot_min=cfg.cot_min, cot_max=cfg.cot_max)
                 entry[name] = summarise([j.p_a for j in judged], truth)
             else:
-                items = [(r["prompt"], p, r["a"], r["b"]) for r, p in zip(pairs, picked, strict=True)]
                 if name not in contrast_cache:
                     flat = [(p, pr, x) for p, pr, a, b in items for x in (a, b)]
                     contrast_cache[name] = feedback.contrast_token_logprobs(backend, flat)

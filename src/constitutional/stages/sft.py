@@ -190,6 +190,7 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
     device = pick_device(cfg.device)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    # The backend gets its own tokenizer: it switches it to left padding, which training must not see.
     backend = HFBackend(model_path, model_obj=model, tokenizer=AutoTokenizer.from_pretrained(model_path),
                         batch_size=cfg.generate_batch_size, device=device, name=model_spec)
 
