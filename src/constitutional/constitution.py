@@ -73,12 +73,6 @@ class Constitution:
     feedback_principles: tuple[FeedbackPrinciple, ...] = ()
     sources: tuple[str, ...] = field(default=())
 
-    def sl_principle(self, principle_id: str) -> Principle:
-        for p in self.sl_principles:
-            if p.id == principle_id:
-                return p
-        raise KeyError(principle_id)
-
     def require_sl(self) -> None:
         if not self.sl_principles:
             raise CaiError(f"constitution {self.name!r} has no sl_principles (needed for critique-revise)")
