@@ -36,6 +36,7 @@ STAGE_MODULES = {
     "sft": ("sft", "constitutional.stages.sft"),
     "label": ("label", "constitutional.stages.label"),
     "pm": ("train-pm", "constitutional.stages.pm"),
+    "rl": ("rl", "constitutional.stages.rl"),
 }
 
 

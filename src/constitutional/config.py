@@ -251,6 +251,100 @@ class PmConfig:
 
 
 @dataclass
+class RlConfig:
+    """Stage 5, ``cai rl``: RL against the preference model, with a KL penalty towards the SL-CAI model.
+
+    algo: ``ppo`` (the paper's; written here, see ppo.py) or ``rloo`` (TRL's RLOOTrainer).
+    policy: model to start from and to stay close to (None: the run's sft/model).
+    reward_model: the PM (None: the run's pm/model). Its scores are normalised with ``reward_mean``
+        and ``reward_std`` from the metrics.json beside it (the run's pm/metrics.json).
+    prompts: red-team prompt source (train split).
+    limit: use at most this many red-team prompts (None: all of the split).
+    helpful_prompts: helpful prompt source mixed in, as the paper trained on both (None: red-team only).
+    helpful_share: share of each step's prompts drawn from helpful_prompts, in [0, 1).
+    steps: RL steps; each samples a batch of responses, scores it and updates the policy.
+    prompts_per_step: prompts per step.
+    rloo_generations: rloo only: responses sampled per prompt (the leave-one-out group, at least 2).
+    max_new_tokens: token budget of each response.
+    temperature: sampling temperature of the responses.
+    top_p: nucleus sampling mass.
+    kl_coef: beta, the weight of the KL penalty log pi - log pi_ref (0: no penalty).
+    learning_rate: constant learning rate of the policy (and the value head).
+    ppo_epochs: ppo only: passes over each batch of responses.
+    minibatch_size: ppo only: responses per gradient step.
+    clip_range: epsilon of the clipped probability ratio.
+    value_clip: ppo only: how far a value estimate may move from its rollout value per update.
+    vf_coef: ppo only: weight of the value loss.
+    gamma: ppo only: discount of GAE.
+    lam: ppo only: lambda of GAE.
+    whiten_advantages: ppo only: normalise advantages to mean 0 and std 1 within each batch.
+    max_grad_norm: clip the gradient norm to this.
+    lora: train a LoRA adapter instead of all weights (the reference is then the adapter switched off).
+    lora_r: LoRA rank.
+    lora_alpha: LoRA scaling numerator.
+    lora_dropout: dropout on the LoRA input.
+    save_steps: write ``rl/checkpoints/step-N/`` every this many steps (a rerun resumes from the last).
+    eval_prompts: held-out red-team prompts whose greedy responses the PM scores before and after (0: skip).
+    tensorboard: also write TensorBoard logs to rl/tensorboard/.
+    device: ``auto`` (cuda if available), ``cpu`` or ``cuda``.
+    """
+
+    algo: str = "ppo"
+    policy: str | None = None
+    reward_model: str | None = None
+    prompts: str = "red-team"
+    limit: int | None = None
+    helpful_prompts: str | None = "helpful"
+    helpful_share: float = 0.25
+    steps: int = 20
+    prompts_per_step: int = 8
+    rloo_generations: int = 2
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    kl_coef: float = 0.05
+    learning_rate: float = 1e-5
+    ppo_epochs: int = 2
+    minibatch_size: int = 4
+    clip_range: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    max_grad_norm: float = 1.0
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    save_steps: int = 5
+    eval_prompts: int = 16
+    tensorboard: bool = False
+    device: str = "auto"
+
+    def check(self) -> None:
+        _require(self.algo in ("ppo", "rloo"), "rl.algo", "must be ppo or rloo")
+        _require(self.kl_coef >= 0, "rl.kl_coef", "must be 0 or more")
+        _require(self.limit is None or self.limit >= 1, "rl.limit", "must be at least 1")
+        _require(0 <= self.helpful_share < 1, "rl.helpful_share", "must be in [0, 1)")
+        _require(self.steps >= 1, "rl.steps", "must be at least 1")
+        _require(self.prompts_per_step >= 1, "rl.prompts_per_step", "must be at least 1")
+        _require(self.rloo_generations >= 2, "rl.rloo_generations", "must be at least 2")
+        _require(self.max_new_tokens >= 1, "rl.max_new_tokens", "must be at least 1")
+        _require(self.temperature > 0, "rl.temperature", "must be more than 0 (RL samples its responses)")
+        _require(0 < self.top_p <= 1, "rl.top_p", "must be in (0, 1]")
+        _require(self.learning_rate > 0, "rl.learning_rate", "must be more than 0")
+        _require(self.ppo_epochs >= 1, "rl.ppo_epochs", "must be at least 1")
+        _require(self.minibatch_size >= 1, "rl.minibatch_size", "must be at least 1")
+        _require(self.clip_range > 0 and self.value_clip > 0, "rl.clip_range", "clip ranges must be more than 0")
+        _require(self.vf_coef >= 0, "rl.vf_coef", "must be 0 or more")
+        _require(0 < self.gamma <= 1 and 0 <= self.lam <= 1, "rl.gamma", "gamma must be in (0, 1], lam in [0, 1]")
+        _require(self.max_grad_norm > 0, "rl.max_grad_norm", "must be more than 0")
+        _require(self.save_steps >= 1, "rl.save_steps", "must be at least 1")
+        _require(self.eval_prompts >= 0, "rl.eval_prompts", "must be 0 or more")
+
+
+@dataclass
 class PipelineConfig:
     """The whole pipeline.
 
@@ -260,6 +354,7 @@ class PipelineConfig:
     sft: stage 2 settings.
     label: stage 3 settings.
     pm: stage 4 settings.
+    rl: stage 5 settings.
     """
 
     seed: int = 0
@@ -268,18 +363,20 @@ class PipelineConfig:
     sft: SftConfig = field(default_factory=SftConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
     pm: PmConfig = field(default_factory=PmConfig)
+    rl: RlConfig = field(default_factory=RlConfig)
 
     def check(self) -> None:
         self.pm.check()
         self.critique_revise.check()
         self.sft.check()
         self.label.check()
+        self.rl.check()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-STAGES = ("critique_revise", "sft", "label", "pm")
+STAGES = ("critique_revise", "sft", "label", "pm", "rl")
 
 
 def _require(ok: bool, key: str, message: str) -> None:

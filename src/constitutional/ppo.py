@@ -1,7 +1,23 @@
-"""PPO maths for stage 5 (RL from AI feedback), as pure tensor functions.
+"""PPO for stage 5 (RL from AI feedback): the equations as pure tensor functions, then one step
+of the training loop (rollouts, a value head, several epochs over minibatches) built on them.
 
-TRL no longer ships PPO, so the toolkit carries its own. This module holds the equations;
-the training loop (rollouts, value head, epochs over minibatches) builds on them.
+TRL no longer ships PPO, so the toolkit carries its own, compact one. The paper (Bai et al.
+2022, section 4) trains the SL-CAI policy with PPO against the preference model, with a KL
+penalty towards the SL-CAI model; ``stages/rl.py`` runs it (``cai rl``).
+
+One step (``ppo_step``):
+
+1. rollout: the policy samples one response per prompt; the reward function scores it; the
+   policy (with its value head) and the frozen reference give per-token log-probs and values;
+2. rewards: the per-token KL penalty with the score at the last token (below); advantages and
+   value targets by GAE; advantages whitened over the batch;
+3. update: ``ppo_epochs`` passes over the batch in shuffled minibatches, each a gradient step on
+   the clipped policy loss plus ``vf_coef`` times the clipped value loss.
+
+The value head is a linear map of the policy's last hidden state (a shared trunk, as in
+Ziegler et al. 2019), so one forward pass gives both log-probs and values. Dropout is off
+throughout (the model stays in eval mode), so the ratio starts at exactly 1. Log-probs use
+the sampling temperature, the distribution the responses were drawn from.
 
 Shapes: B responses, T response tokens (right-padded); ``mask`` (B, T) is 1 on real tokens.
 
@@ -31,7 +47,12 @@ All means are over real tokens only (``masked_mean``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
+
+from constitutional.config import RlConfig
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -104,3 +125,187 @@ def value_loss(values_new: torch.Tensor, values_old: torch.Tensor, returns: torc
     """The clipped value loss, 0.5 * max of the squared errors of the new and the clipped values."""
     clipped = values_old + torch.clamp(values_new - values_old, -clip, clip)
     return 0.5 * masked_mean(torch.maximum((values_new - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+# ------------------------------------------------------------------ the model side
+
+
+class ValueHead(torch.nn.Module):
+    """V(s_t) from the policy's last hidden state: (B, T, H) -> (B, T). Starts at exactly 0."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden).squeeze(-1)
+
+
+@dataclass
+class Batch:
+    """Prompt-response pairs as tensors: queries left-padded (B, Q), responses right-padded (B, T)."""
+
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+
+    @classmethod
+    def from_lists(cls, queries: list[list[int]], responses: list[list[int]], pad_id: int) -> Batch:
+        q_len = max(len(q) for q in queries)
+        t_len = max(len(r) for r in responses)
+        query_ids = torch.tensor([[pad_id] * (q_len - len(q)) + q for q in queries])
+        query_mask = torch.tensor([[0] * (q_len - len(q)) + [1] * len(q) for q in queries])
+        response_ids = torch.tensor([r + [pad_id] * (t_len - len(r)) for r in responses])
+        response_mask = torch.tensor([[1] * len(r) + [0] * (t_len - len(r)) for r in responses])
+        return cls(query_ids, query_mask, response_ids, response_mask)
+
+    def select(self, rows: torch.Tensor) -> tuple[Batch, int]:
+        """The given rows, with padding columns no selected row needs cut off; also the new T."""
+        qm, rm = self.query_mask[rows], self.response_mask[rows]
+        q_keep = int(qm.sum(1).max())
+        t_keep = int(rm.sum(1).max())
+        sub = Batch(self.query_ids[rows][:, -q_keep:], qm[:, -q_keep:],
+                    self.response_ids[rows][:, :t_keep], rm[:, :t_keep])
+        return sub, t_keep
+
+    def to(self, device) -> Batch:
+        return Batch(*(t.to(device) for t in (self.query_ids, self.query_mask, self.response_ids, self.response_mask)))
+
+
+def forward(model, value_head: ValueHead | None, batch: Batch, temperature: float = 1.0,
+            with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Log-probs (B, T) of the response tokens, values (B, T) and entropies (B, T) in one pass.
+
+    Queries are left-padded, so position ids come from the attention mask, as in generation;
+    the logits at the T positions before each response token are the only ones computed.
+    """
+    input_ids = torch.cat([batch.query_ids, batch.response_ids], dim=1)
+    mask = torch.cat([batch.query_mask, batch.response_mask], dim=1)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    t_len = batch.response_ids.shape[1]
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=t_len + 1,
+                output_hidden_states=value_head is not None, use_cache=False)
+    logits = out.logits[:, :-1].float() / temperature  # (B, T, V): position Q-1+t predicts response token t
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
+    values = value_head(out.hidden_states[-1][:, -(t_len + 1):-1].float()) if value_head is not None else None
+    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    return logp, values, entropy
+
+
+@torch.no_grad()
+def sample(model, tokenizer, queries: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+           top_p: float = 1.0, greedy: bool = False, batch_size: int = 32) -> list[list[int]]:
+    """Response token ids for each query, cut after the first stop token (which is kept)."""
+    stop = model.generation_config.eos_token_id if model.generation_config is not None else None
+    stop = {stop} if isinstance(stop, int) else set(stop or [tokenizer.eos_token_id])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    out: list[list[int]] = []
+    for start in range(0, len(queries), batch_size):
+        chunk = queries[start:start + batch_size]
+        b = Batch.from_lists(chunk, [[pad_id]] * len(chunk), pad_id).to(device)
+        kwargs = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p,
+                                                      "top_k": 0}
+        generated = model.generate(input_ids=b.query_ids, attention_mask=b.query_mask, max_new_tokens=max_new_tokens,
+                                   pad_token_id=pad_id, **kwargs)
+        for row in generated[:, b.query_ids.shape[1]:].tolist():
+            ends = [i for i, t in enumerate(row) if t in stop]
+            out.append(row[:ends[0] + 1] if ends else row)
+    return out
+
+
+def ppo_step(policy, value_head: ValueHead, ref_model, optimizer: torch.optim.Optimizer, tokenizer,
+             queries: list[list[int]], score: Callable[[list[list[int]]], list[float]],
+             settings: RlConfig) -> tuple[dict, list[list[int]]]:
+    """One PPO step on these queries (token ids); returns its metrics and the sampled responses.
+
+    ``score`` maps the responses (token ids) to rewards. ``ref_model`` None means the policy is a
+    PEFT model whose adapter, switched off, is the reference. ``settings``: the ``rl`` section of
+    the config (kl_coef, ppo_epochs, minibatch_size, clip ranges, vf_coef, gamma, lam, ...).
+    """
+    s = settings
+    device = next(policy.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # 1. rollout
+    responses = sample(policy, tokenizer, queries, s.max_new_tokens, s.temperature, s.top_p)
+    scores = torch.tensor(score(responses), dtype=torch.float32, device=device)
+    batch = Batch.from_lists(queries, responses, pad_id).to(device)
+    mask = batch.response_mask
+    with torch.no_grad():
+        old_logp, old_values, _ = forward(policy, value_head, batch, s.temperature)
+        if ref_model is None:
+            with policy.disable_adapter():
+                ref_logp, _, _ = forward(policy, None, batch, s.temperature)
+        else:
+            ref_logp, _, _ = forward(ref_model, None, batch, s.temperature)
+
+        # 2. rewards, advantages, value targets
+        rewards = kl_penalised_rewards(scores, old_logp, ref_logp, mask, s.kl_coef)
+        advantages, returns = gae(rewards, old_values, mask, s.gamma, s.lam)
+        if s.whiten_advantages and int(mask.sum()) > 1:
+            advantages = masked_whiten(advantages, mask)
+        log_ratio_ref = (old_logp - ref_logp) * mask
+
+    # 3. update: epochs over shuffled minibatches
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    n = len(queries)
+    stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clip_fraction": [], "approx_kl": [],
+                                     "entropy": []}
+    for _ in range(s.ppo_epochs):
+        for rows in torch.randperm(n).split(s.minibatch_size):
+            sub, t_keep = batch.select(rows)
+            m = sub.response_mask
+            logp, values, entropy = forward(policy, value_head, sub, s.temperature, with_entropy=True)
+            old = old_logp[rows][:, :t_keep]
+            p_loss, clip_fraction = policy_loss(logp, old, advantages[rows][:, :t_keep], m, s.clip_range)
+            v_loss = value_loss(values, old_values[rows][:, :t_keep], returns[rows][:, :t_keep], m, s.value_clip)
+            loss = p_loss + s.vf_coef * v_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+            optimizer.step()
+            with torch.no_grad():
+                stats["policy_loss"].append(p_loss.item())
+                stats["value_loss"].append(v_loss.item())
+                stats["clip_fraction"].append(clip_fraction.item())
+                stats["approx_kl"].append(masked_mean(0.5 * (logp - old) ** 2, m).item())
+                stats["entropy"].append(masked_mean(entropy, m).item())
+
+    lengths = mask.sum(1).float()
+    metrics = {
+        "score": scores.mean().item(),
+        "kl": (log_ratio_ref.sum() / mask.sum()).item(),  # per token, as TRL's RLOO reports it
+        "kl_sequence": log_ratio_ref.sum(1).mean().item(),
+        "response_length": lengths.mean().item(),
+        **{k: sum(v) / len(v) for k, v in stats.items()},
+    }
+    return metrics, responses
+
+
+# ------------------------------------------------------------------ optimizer state as safetensors
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """The optimizer's state as flat named tensors (for safetensors) plus its param groups (for JSON)."""
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, entry in state["state"].items():
+        for name, value in entry.items():
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"{index}.{name}"] = t.detach().cpu().contiguous()
+    return tensors, state["param_groups"]
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                           param_groups: list[dict]) -> None:
+    """Inverse of ``optimizer_tensors``."""
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})

@@ -1,0 +1,487 @@
+"""Stage 5: RL from AI feedback: the SL-CAI policy optimised against the preference model.
+
+Paper: Bai et al. 2022, section 4 ("RL-CAI"). The policy starts from the SL-CAI model; its
+reward is the preference model's score, normalised with the mean and standard deviation the
+PM stage measured (``pm/metrics.json``); a KL penalty keeps it close to a frozen copy of the
+SL-CAI model. Each step draws prompts from the red-team train split mixed with helpful
+prompts (``helpful_share``), since the paper trained on both.
+
+Two algorithms (``rl.algo``):
+- ``ppo``, as in the paper, written here (``ppo.py``): a value head on the policy, per-token
+  KL penalty folded into the reward, GAE, clipped policy and value losses, several epochs over
+  minibatches of each batch of rollouts.
+- ``rloo``: TRL's ``RLOOTrainer`` (Ahmadian et al. 2024): ``rloo_generations`` responses per
+  prompt, each one's baseline the mean reward of the others; no value head, so it is cheaper.
+  The PM sits behind ``reward_funcs`` as a function of text, so the PM may use another tokenizer.
+
+Run:
+    cai rl --config configs/smollm2-cpu.yaml --out runs/demo
+    cai rl --config configs/smollm2-cpu.yaml --out runs/rloo --set rl.algo=rloo \\
+        --set rl.policy=runs/demo/sft/model --set rl.reward_model=runs/demo/pm/model
+
+Writes ``rl/metrics.jsonl`` (a row a step: mean reward, KL, entropy, response length, clip
+fraction), ``rl/checkpoints/step-N/`` every ``save_steps`` steps (plain transformers
+directories, for reward- and Elo-against-step plots), ``rl/model/`` at the end,
+``rl/summary.json`` (the PM's mean reward on held-out red-team prompts before and after, the
+final KL, wall time), ``rl/samples.jsonl`` (those held-out responses before and after) and
+``rl/reward.png``. A rerun after a kill resumes from the last checkpoint; metric rows written
+after it are dropped and written again, so no step appears twice.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from constitutional.config import PipelineConfig, RlConfig
+from constitutional.datasets import PromptRow, load_prompts
+from constitutional.errors import CaiError
+from constitutional.models import check_model_spec
+from constitutional.records import check_resume_settings, iter_jsonl, write_json
+
+STAGE_DIR = "rl"
+
+# reward_fn(prompts as chats, responses as text) -> one reward per response
+RewardFn = Callable[[list[list[dict]], list[str]], list[float]]
+
+
+# ------------------------------------------------------------------ pure helpers
+
+
+def step_prompts(red_team: list[PromptRow], helpful: list[PromptRow], step: int, per_step: int,
+                 helpful_share: float, seed: int) -> list[PromptRow]:
+    """The prompts of RL step ``step`` (1-based): ``round(per_step * helpful_share)`` helpful ones,
+    the rest red-team. Each pool is walked in a seeded order, reshuffled on every pass, so the
+    schedule is a pure function of the step and a resumed run sees the same prompts.
+
+    >>> red = [PromptRow(f"r{i}", "x") for i in range(3)]
+    >>> help = [PromptRow(f"h{i}", "y") for i in range(2)]
+    >>> [p.id[0] for p in step_prompts(red, help, 1, 4, 0.25, 0)]
+    ['r', 'r', 'r', 'h']
+    >>> len({p.id for p in step_prompts(red, help, 1, 3, 0.0, 0)})  # one pass covers the pool
+    3
+    """
+    n_helpful = round(per_step * helpful_share) if helpful else 0
+
+    def take(pool: list[PromptRow], count: int, salt: str) -> list[PromptRow]:
+        out = []
+        for k in range((step - 1) * count, step * count):
+            epoch, i = divmod(k, len(pool))
+            order = list(range(len(pool)))
+            random.Random(f"{seed}:{salt}:{epoch}").shuffle(order)
+            out.append(pool[order[i]])
+        return out
+
+    return take(red_team, per_step - n_helpful, "red") + (take(helpful, n_helpful, "helpful") if n_helpful else [])
+
+
+def as_chat(prompt: PromptRow) -> list[dict]:
+    return [{"role": "user", "content": prompt.prompt}]
+
+
+def reward_stats(pm_dir: Path) -> tuple[float, float, str | None]:
+    """(mean, std, source) of the PM's rewards, from the metrics.json the PM stage wrote beside
+    ``pm/model/`` (or inside the PM directory); (0, 1, None) if there is none."""
+    for path in (pm_dir.parent / "metrics.json", pm_dir / "metrics.json"):
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+                mean, std = float(data["reward_mean"]), float(data["reward_std"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise CaiError(f"{path}: no usable reward_mean/reward_std ({e})") from None
+            return mean, (std if std > 0 else 1.0), str(path)
+    return 0.0, 1.0, None
+
+
+class PMReward:
+    """The PM's score of each (prompt, response), normalised: (r - mean) / std."""
+
+    def __init__(self, pm_dir: Path, device: str, batch_size: int = 16):
+        from constitutional.stages.pm import PreferenceModel
+
+        self.mean, self.std, self.stats_source = reward_stats(pm_dir)
+        self.pm = PreferenceModel(pm_dir, device=device, batch_size=batch_size)
+
+    def __call__(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
+        return [(r - self.mean) / self.std for r in self.pm.score(prompts, responses)]
+
+
+# ------------------------------------------------------------------ the stage
+
+
+def run(config: PipelineConfig, out_dir: str | Path, reward_fn: RewardFn | None = None,
+        on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Run stage 5. ``reward_fn`` replaces the PM (tests use a synthetic reward); ``on_step(step,
+    metrics)`` is called after each step's metrics are written."""
+    cfg = config.rl
+    cfg.check()
+    out_dir = Path(out_dir)
+    stage_dir = out_dir / STAGE_DIR
+    # Check every input before loading a model.
+    policy_spec = cfg.policy or str(out_dir / "sft" / "model")
+    check_model_spec(policy_spec, "rl.policy")
+    pm_dir = Path(cfg.reward_model or out_dir / "pm" / "model")
+    if reward_fn is None and not (pm_dir / "config.json").is_file():
+        what = "does not exist" if not pm_dir.exists() else "has no config.json"
+        raise CaiError(f"rl.reward_model: preference model directory {pm_dir} {what} "
+                       f"(run `cai train-pm` first, or set rl.reward_model)")
+    red_team = load_prompts(cfg.prompts, "train", cfg.limit)
+    helpful = load_prompts(cfg.helpful_prompts, "train") if cfg.helpful_prompts and cfg.helpful_share > 0 else []
+    eval_prompts = load_prompts(cfg.prompts, "heldout", cfg.eval_prompts) if cfg.eval_prompts else []
+    if not red_team:
+        raise CaiError(f"rl.prompts {cfg.prompts!r}: no prompts in the train split")
+    check_resume_settings(stage_dir, {**asdict(cfg), "policy": policy_spec, "reward_model": str(pm_dir),
+                                      "seed": config.seed},
+                          free={"steps", "save_steps", "eval_prompts", "tensorboard", "device"})
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from constitutional.backends.hf import pick_device
+    from constitutional.models import resolve_model
+
+    start = time.time()
+    device = pick_device(cfg.device)
+    policy_path = resolve_model(policy_spec)
+    tokenizer = AutoTokenizer.from_pretrained(policy_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if reward_fn is None:
+        reward_fn = PMReward(pm_dir, device)
+        if reward_fn.stats_source is None:
+            _log(f"no metrics.json beside {pm_dir}: PM rewards are used unnormalised")
+    stats_source = getattr(reward_fn, "stats_source", None)
+
+    # The PM's verdict on held-out red-team prompts, greedy, before any RL (kept across resumes).
+    samples_path = stage_dir / "samples.jsonl"
+    before_path = stage_dir / "eval_before.json"
+    if eval_prompts and not before_path.is_file():
+        model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(device).eval()
+        before = _evaluate(model, tokenizer, eval_prompts, reward_fn, cfg)
+        write_json(before_path, before)
+        del model
+
+    metrics_log = MetricsLog(stage_dir, cfg.tensorboard)
+    if cfg.algo == "ppo":
+        final_model, resumed = _run_ppo(cfg, config.seed, policy_path, tokenizer, red_team, helpful, reward_fn,
+                                        stage_dir, device, metrics_log, on_step)
+    else:
+        final_model, resumed = _run_rloo(cfg, config.seed, policy_path, tokenizer, red_team, helpful, reward_fn,
+                                         stage_dir, device, metrics_log, on_step)
+    metrics_log.close()
+    final_dir = save_snapshot(final_model, tokenizer, stage_dir / "model")
+
+    summary: dict = {"algo": cfg.algo, "policy": policy_spec, "reward_model": str(pm_dir),
+                     "reward_normalised_with": stats_source, "output": str(final_dir), "resumed_from_step": resumed}
+    rows = list(iter_jsonl(metrics_log.path))
+    if rows:
+        summary["steps"] = rows[-1]["step"]
+        quarter = max(1, len(rows) // 4)
+        summary["reward_first_steps"] = _mean(r["reward"] for r in rows[:quarter])
+        summary["reward_last_steps"] = _mean(r["reward"] for r in rows[-quarter:])
+        summary["final_kl"] = _mean(r["kl"] for r in rows[-quarter:])
+    if eval_prompts:
+        before = json.loads(before_path.read_text())
+        after = _evaluate(final_model.eval(), tokenizer, eval_prompts, reward_fn, cfg)
+        summary["heldout_prompts"] = len(eval_prompts)
+        summary["heldout_reward_before"] = before["mean_reward"]
+        summary["heldout_reward_after"] = after["mean_reward"]
+        with open(samples_path, "w", encoding="utf-8") as f:
+            for p, b, a in zip(eval_prompts, before["rows"], after["rows"], strict=True):
+                f.write(json.dumps({"id": p.id, "prompt": p.prompt, "before": b["response"], "reward_before":
+                                    b["reward"], "after": a["response"], "reward_after": a["reward"]}) + "\n")
+    summary["seconds"] = round(time.time() - start, 2)
+    write_json(stage_dir / "summary.json", summary)
+    if rows:
+        plot_metrics(rows, stage_dir / "reward.png")
+    parts = [f"rl ({cfg.algo}): {summary.get('steps', 0)} steps"]
+    if eval_prompts:
+        parts.append(f"held-out PM reward {summary['heldout_reward_before']:.3f} -> "
+                     f"{summary['heldout_reward_after']:.3f}")
+    if rows and summary["final_kl"] is not None:
+        parts.append(f"final KL/token {summary['final_kl']:.4f}")
+    _log(", ".join(parts) + f"; {summary['seconds']:.0f} s")
+    return summary
+
+
+def _mean(values) -> float | None:
+    """Mean of the numbers among ``values`` (None where a metric was not measured), or None."""
+    numbers = [v for v in values if isinstance(v, int | float) and not math.isnan(v)]
+    return sum(numbers) / len(numbers) if numbers else None
+
+
+def _evaluate(model, tokenizer, prompts: list[PromptRow], reward_fn: RewardFn, cfg: RlConfig) -> dict:
+    from constitutional import ppo
+
+    queries = [_encode_prompt(tokenizer, p) for p in prompts]
+    responses = ppo.sample(model, tokenizer, queries, cfg.max_new_tokens, greedy=True)
+    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+    rewards = reward_fn([as_chat(p) for p in prompts], texts)
+    return {"mean_reward": sum(rewards) / len(rewards),
+            "rows": [{"response": t, "reward": r} for t, r in zip(texts, rewards, strict=True)]}
+
+
+def _encode_prompt(tokenizer, prompt: PromptRow) -> list[int]:
+    text = tokenizer.apply_chat_template(as_chat(prompt), tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ------------------------------------------------------------------ PPO (ppo.py)
+
+
+def _run_ppo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, red_team, helpful, reward_fn: RewardFn,
+             stage_dir: Path, device: str, metrics_log: MetricsLog, on_step) -> tuple[object, int | None]:
+    import torch
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
+
+    from constitutional import ppo
+
+    def load(path):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+
+    last = last_checkpoint(stage_dir / "checkpoints", need="optimizer.safetensors")
+    ref_model = None
+    if cfg.lora:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        base = load(policy_path)
+        if last:
+            policy = PeftModel.from_pretrained(base, last / "adapter", is_trainable=True)
+        else:
+            policy = get_peft_model(base, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                     lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM"))
+    else:
+        policy = load(last if last else policy_path)
+        ref_model = load(policy_path).eval().requires_grad_(False)
+    policy.eval()  # dropout off: the rollout and the update see the same function
+    value_head = ppo.ValueHead(policy.config.hidden_size).to(device)
+    trainable = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate)
+    done = 0
+    if last:
+        state = json.loads((last / "state.json").read_text())
+        value_head.load_state_dict(load_file(last / "value_head.safetensors"))
+        ppo.load_optimizer_tensors(optimizer, load_file(last / "optimizer.safetensors"), state["param_groups"])
+        done = state["step"]
+        _log(f"resuming from {last}")
+    metrics_log.keep_steps_up_to(done)
+
+    bar = tqdm(range(done + 1, cfg.steps + 1), desc="rl (ppo)", unit="step", initial=done, total=cfg.steps)
+    for step in bar:
+        t0 = time.time()
+        torch.manual_seed(seed * 1_000_003 + step)  # sampling and minibatch order: a function of the step
+        prompts = step_prompts(red_team, helpful, step, cfg.prompts_per_step, cfg.helpful_share, seed)
+        queries = [_encode_prompt(tokenizer, p) for p in prompts]
+
+        def score(responses: list[list[int]], prompts=prompts) -> list[float]:
+            texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+            return reward_fn([as_chat(p) for p in prompts], texts)
+
+        stats, _ = ppo.ppo_step(policy, value_head, ref_model, optimizer, tokenizer, queries, score, cfg)
+        row = {"step": step, "reward": stats.pop("score"), **stats, "seconds": round(time.time() - t0, 3)}
+        metrics_log.write(row)
+        bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}")
+        if step % cfg.save_steps == 0 or step == cfg.steps:
+            tensors, groups = ppo.optimizer_tensors(optimizer)
+
+            def extra(tmp: Path, tensors=tensors, groups=groups, step=step) -> None:
+                save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
+                          tmp / "value_head.safetensors")
+                save_file(tensors, tmp / "optimizer.safetensors")
+                if cfg.lora:
+                    policy.save_pretrained(tmp / "adapter")
+                (tmp / "state.json").write_text(json.dumps({"step": step, "param_groups": groups}))
+
+            save_checkpoint(policy, tokenizer, stage_dir / "checkpoints", step, extra)
+        if on_step:
+            on_step(step, row)
+    bar.close()
+    final = policy.merge_and_unload() if cfg.lora else policy
+    return final, (done or None)
+
+
+# ------------------------------------------------------------------ RLOO (TRL)
+
+
+def _run_rloo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, red_team, helpful, reward_fn: RewardFn,
+              stage_dir: Path, device: str, metrics_log: MetricsLog, on_step) -> tuple[object, int | None]:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import RLOOConfig, RLOOTrainer
+
+    schedule = [p for step in range(1, cfg.steps + 1)
+                for p in step_prompts(red_team, helpful, step, cfg.prompts_per_step, cfg.helpful_share, seed)]
+    dataset = Dataset.from_list([{"prompt": as_chat(p)} for p in schedule])
+
+    def pm_reward(prompts, completions, **_) -> list[float]:
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return reward_fn(prompts, texts)
+
+    trainer_dir = stage_dir / "trainer"
+    last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
+    done = int(last.rsplit("-", 1)[1]) if last else 0
+    metrics_log.keep_steps_up_to(done)
+
+    class Log(TrainerCallback):
+        step_start = time.time()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return
+            row = {"step": state.global_step,
+                   "reward": logs.get("rewards/pm_reward/mean"),
+                   "kl": logs.get("kl"),  # absent when kl_coef is 0: TRL then keeps no reference model
+                   "entropy": logs.get("entropy"),
+                   "response_length": logs.get("completions/mean_length"),
+                   "clip_fraction": logs.get("clip_ratio/region_mean"),
+                   "loss": logs["loss"],
+                   "seconds": round(time.time() - self.step_start, 3)}
+            self.step_start = time.time()
+            metrics_log.write(row)
+            if on_step:
+                on_step(state.global_step, row)
+
+        def on_save(self, args, state, control, model=None, **kwargs):
+            save_checkpoint(model, tokenizer, stage_dir / "checkpoints", state.global_step)
+
+    peft_config = None
+    if cfg.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                 task_type="CAUSAL_LM")
+    args = RLOOConfig(
+        output_dir=str(trainer_dir), max_steps=cfg.steps, learning_rate=cfg.learning_rate,
+        lr_scheduler_type="constant", warmup_steps=0,
+        per_device_train_batch_size=cfg.prompts_per_step * cfg.rloo_generations,
+        num_generations=cfg.rloo_generations, max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature,
+        top_p=cfg.top_p, beta=cfg.kl_coef, epsilon=cfg.clip_range, max_grad_norm=cfg.max_grad_norm,
+        shuffle_dataset=False, disable_dropout=True, logging_steps=1, save_steps=cfg.save_steps,
+        save_total_limit=1, report_to="none", use_cpu=device == "cpu", bf16=False, fp16=False, seed=seed,
+        dataloader_num_workers=0, log_completions=False,
+    )
+    model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
+    trainer = RLOOTrainer(model=model, reward_funcs=[pm_reward], args=args, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[Log()], peft_config=peft_config)
+    if last:
+        _log(f"resuming from {last}")
+    trainer.train(resume_from_checkpoint=last)
+    final = trainer.model
+    if cfg.lora:
+        final = final.merge_and_unload()
+    return final, (done or None)
+
+
+# ------------------------------------------------------------------ files
+
+
+class MetricsLog:
+    """``rl/metrics.jsonl``, a row a step, plus the same scalars in TensorBoard if asked for."""
+
+    def __init__(self, stage_dir: Path, tensorboard: bool):
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        self.path = stage_dir / "metrics.jsonl"
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise CaiError("rl.tensorboard needs the tensorboard package: "
+                               "pip install 'constitutional[tensorboard]'") from None
+            self.writer = SummaryWriter(log_dir=str(stage_dir / "tensorboard"))
+
+    def keep_steps_up_to(self, step: int) -> None:
+        """Drop rows after ``step`` (written after the checkpoint a resumed run starts from)."""
+        if not self.path.exists():
+            return
+        rows = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by the kill
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                rows.append(row)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        tmp.replace(self.path)
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, int | float):
+                    self.writer.add_scalar(f"rl/{key}", value, row["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def save_snapshot(model, tokenizer, dest: Path) -> Path:
+    """A plain transformers directory of the policy (a LoRA policy is saved merged, from a copy)."""
+    from constitutional.models import save_model_dir
+
+    if hasattr(model, "merge_and_unload"):
+        model = copy.deepcopy(model).merge_and_unload()
+    return save_model_dir(model, tokenizer, dest)
+
+
+def save_checkpoint(model, tokenizer, checkpoints: Path, step: int, extra=None) -> Path:
+    """``checkpoints/step-N/``: the policy as a plain model directory, plus ``extra(tmp_dir)`` files.
+
+    Written beside its final name and moved into place. Only the newest checkpoint keeps
+    ``optimizer.safetensors`` (the older ones stay as snapshots for plots and evaluation).
+    """
+    dest = checkpoints / f"step-{step}"
+    tmp = save_snapshot(model, tokenizer, checkpoints / f"step-{step}.partial")
+    if extra:
+        extra(tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.replace(dest)
+    for older in checkpoints.glob("step-*"):
+        if older != dest and (older / "optimizer.safetensors").exists():
+            (older / "optimizer.safetensors").unlink()
+    return dest
+
+
+def last_checkpoint(checkpoints: Path, need: str) -> Path | None:
+    """The newest complete ``step-N`` directory (one holding ``need``), or None."""
+    found = [d for d in checkpoints.glob("step-*") if d.name[5:].isdigit() and (d / need).is_file()]
+    return max(found, key=lambda d: int(d.name[5:]), default=None)
+
+
+def plot_metrics(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
+    top.plot(steps, [math.nan if r["reward"] is None else r["reward"] for r in rows], marker=".")
+    top.set_ylabel("PM reward (normalised)")
+    top.set_title("RL against the preference model")
+    bottom.plot(steps, [math.nan if r["kl"] is None else r["kl"] for r in rows], marker=".", color="tab:red")
+    bottom.set_ylabel("KL to SL-CAI, per token")
+    bottom.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _log(message: str) -> None:
+    print(f"[cai] {message}", file=sys.stderr, flush=True)
