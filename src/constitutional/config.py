@@ -266,6 +266,7 @@ class RlConfig:
     prompts_per_step: prompts per step.
     rloo_generations: rloo only: responses sampled per prompt (the leave-one-out group, at least 2).
     max_new_tokens: token budget of each response.
+    min_new_tokens: no response ends before this many tokens (bench/rl.py fixes lengths with it).
     temperature: sampling temperature of the responses.
     top_p: nucleus sampling mass.
     kl_coef: beta, the weight of the KL penalty log pi - log pi_ref (0: no penalty).
@@ -300,6 +301,7 @@ class RlConfig:
     prompts_per_step: int = 8
     rloo_generations: int = 2
     max_new_tokens: int = 64
+    min_new_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
     kl_coef: float = 0.05
@@ -331,6 +333,8 @@ class RlConfig:
         _require(self.prompts_per_step >= 1, "rl.prompts_per_step", "must be at least 1")
         _require(self.rloo_generations >= 2, "rl.rloo_generations", "must be at least 2")
         _require(self.max_new_tokens >= 1, "rl.max_new_tokens", "must be at least 1")
+        _require(0 <= self.min_new_tokens <= self.max_new_tokens, "rl.min_new_tokens",
+                 "must be in [0, max_new_tokens]")
         _require(self.temperature > 0, "rl.temperature", "must be more than 0 (RL samples its responses)")
         _require(0 < self.top_p <= 1, "rl.top_p", "must be in (0, 1]")
         _require(self.learning_rate > 0, "rl.learning_rate", "must be more than 0")

@@ -198,7 +198,8 @@ def forward(model, value_head: ValueHead | None, batch: Batch, temperature: floa
 
 @torch.no_grad()
 def sample(model, tokenizer, queries: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-           top_p: float = 1.0, greedy: bool = False, batch_size: int = 32) -> list[list[int]]:
+           top_p: float = 1.0, greedy: bool = False, batch_size: int = 32, min_new_tokens: int = 0
+           ) -> list[list[int]]:
     """Response token ids for each query, cut after the first stop token (which is kept)."""
     stop = model.generation_config.eos_token_id if model.generation_config is not None else None
     stop = {stop} if isinstance(stop, int) else set(stop or [tokenizer.eos_token_id])
@@ -211,7 +212,7 @@ def sample(model, tokenizer, queries: list[list[int]], max_new_tokens: int, temp
         kwargs = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p,
                                                       "top_k": 0}
         generated = model.generate(input_ids=b.query_ids, attention_mask=b.query_mask, max_new_tokens=max_new_tokens,
-                                   pad_token_id=pad_id, **kwargs)
+                                   min_new_tokens=min_new_tokens, pad_token_id=pad_id, **kwargs)
         for row in generated[:, b.query_ids.shape[1]:].tolist():
             ends = [i for i, t in enumerate(row) if t in stop]
             out.append(row[:ends[0] + 1] if ends else row)
@@ -232,7 +233,8 @@ def ppo_step(policy, value_head: ValueHead, ref_model, optimizer: torch.optim.Op
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # 1. rollout
-    responses = sample(policy, tokenizer, queries, s.max_new_tokens, s.temperature, s.top_p)
+    responses = sample(policy, tokenizer, queries, s.max_new_tokens, s.temperature, s.top_p,
+                       min_new_tokens=s.min_new_tokens)
     scores = torch.tensor(score(responses), dtype=torch.float32, device=device)
     batch = Batch.from_lists(queries, responses, pad_id).to(device)
     mask = batch.response_mask

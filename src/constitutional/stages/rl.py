@@ -335,7 +335,10 @@ def _run_rloo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, red_team, h
     metrics_log.keep_steps_up_to(done)
 
     class Log(TrainerCallback):
-        step_start = time.time()
+        step_start = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.step_start = time.time()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs:
@@ -348,7 +351,6 @@ def _run_rloo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, red_team, h
                    "clip_fraction": logs.get("clip_ratio/region_mean"),
                    "loss": logs["loss"],
                    "seconds": round(time.time() - self.step_start, 3)}
-            self.step_start = time.time()
             metrics_log.write(row)
             if on_step:
                 on_step(state.global_step, row)
@@ -371,6 +373,7 @@ def _run_rloo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, red_team, h
         shuffle_dataset=False, disable_dropout=True, logging_steps=1, save_steps=cfg.save_steps,
         save_total_limit=1, report_to="none", use_cpu=device == "cpu", bf16=False, fp16=False, seed=seed,
         dataloader_num_workers=0, log_completions=False,
+        generation_kwargs={"min_new_tokens": cfg.min_new_tokens} if cfg.min_new_tokens else None,
     )
     model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
     trainer = RLOOTrainer(model=model, reward_funcs=[pm_reward], args=args, train_dataset=dataset,

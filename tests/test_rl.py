@@ -1,0 +1,194 @@
+"""Stage 5 (cai rl): PPO and RLOO on the tiny random Llama with a synthetic reward."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from constitutional.config import PipelineConfig, RlConfig, load_config
+from constitutional.datasets import PromptRow
+from constitutional.errors import CaiError
+from constitutional.stages import rl
+
+
+def count_e(prompts, responses):
+    """Synthetic reward: +1 for each letter "e" in the response."""
+    assert len(prompts) == len(responses) and all(p[0]["role"] == "user" for p in prompts)
+    return [float(r.count("e")) for r in responses]
+
+
+def rl_config(model_dir: Path, **overrides) -> PipelineConfig:
+    settings = {"policy": str(model_dir), "steps": 30, "prompts_per_step": 8, "max_new_tokens": 8,
+                "learning_rate": 1e-2, "kl_coef": 0.0, "eval_prompts": 4, "save_steps": 10, "device": "cpu"}
+    settings.update(overrides)
+    return PipelineConfig(rl=RlConfig(**settings))
+
+
+def metric_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "rl" / "metrics.jsonl").read_text().splitlines()]
+
+
+def mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs)
+
+
+# ------------------------------------------------------------------ pure helpers
+
+
+def test_step_prompts_mix_is_seeded_and_walks_each_pool():
+    red = [PromptRow(f"r{i}", f"red {i}") for i in range(10)]
+    helpful = [PromptRow(f"h{i}", f"help {i}") for i in range(4)]
+    steps = [rl.step_prompts(red, helpful, s, 8, 0.25, seed=3) for s in range(1, 6)]
+    assert all(sum(p.id.startswith("h") for p in batch) == 2 for batch in steps)
+    assert steps == [rl.step_prompts(red, helpful, s, 8, 0.25, seed=3) for s in range(1, 6)]  # pure
+    assert steps != [rl.step_prompts(red, helpful, s, 8, 0.25, seed=4) for s in range(1, 6)]
+    reds = [p.id for batch in steps for p in batch if p.id.startswith("r")]
+    assert sorted(reds[:10]) == sorted(p.id for p in red)  # the first pass sees every prompt once
+    assert all(p.id.startswith("r") for p in rl.step_prompts(red, [], 1, 8, 0.25, seed=3))
+
+
+def test_reward_stats_come_from_the_pm_stage_metrics(tmp_path):
+    pm_dir = tmp_path / "pm" / "model"
+    pm_dir.mkdir(parents=True)
+    assert rl.reward_stats(pm_dir) == (0.0, 1.0, None)
+    (tmp_path / "pm" / "metrics.json").write_text(json.dumps({"reward_mean": 1.5, "reward_std": 0.5}))
+    mean_, std, source = rl.reward_stats(pm_dir)
+    assert (mean_, std) == (1.5, 0.5) and source.endswith("metrics.json")
+    (tmp_path / "pm" / "metrics.json").write_text(json.dumps({"reward_mean": 1.5}))
+    with pytest.raises(CaiError, match="reward_std"):
+        rl.reward_stats(pm_dir)
+
+
+def test_rl_config_errors_name_the_key():
+    with pytest.raises(CaiError, match="rl.kl_coef"):
+        load_config(None, ["rl.kl_coef=-0.1"])
+    with pytest.raises(CaiError, match="rl.algo"):
+        load_config(None, ["rl.algo=reinforce"])
+    with pytest.raises(CaiError, match="rl.rloo_generations"):
+        load_config(None, ["rl.rloo_generations=1"])
+
+
+# ------------------------------------------------------------------ learning
+
+
+@pytest.mark.parametrize("algo", ["ppo", "rloo"])
+def test_synthetic_reward_rises(algo, tiny_model_dir, tmp_path):
+    summary = rl.run(rl_config(tiny_model_dir, algo=algo), tmp_path, reward_fn=count_e)
+    rows = metric_rows(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    first, last = mean(r["reward"] for r in rows[:5]), mean(r["reward"] for r in rows[-5:])
+    assert last > first + 2.0, (first, last)  # at most 8 tokens: the reward ceiling is about 16
+    assert summary["heldout_reward_after"] > summary["heldout_reward_before"]
+    for key in ("kl", "entropy", "response_length", "clip_fraction"):
+        assert key in rows[-1]
+    # a plain transformers directory, and snapshots for reward-against-step plots
+    assert (tmp_path / "rl" / "model" / "config.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "rl" / "checkpoints").glob("step-*")) == ["step-10", "step-20",
+                                                                                        "step-30"]
+    assert (tmp_path / "rl" / "reward.png").stat().st_size > 0
+    samples = [json.loads(line) for line in (tmp_path / "rl" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and {"before", "after", "reward_before", "reward_after"} <= set(samples[0])
+
+
+@pytest.mark.parametrize("algo", ["ppo", "rloo"])
+def test_large_kl_coefficient_keeps_the_policy_close(algo, tiny_model_dir, tmp_path):
+    rl.run(rl_config(tiny_model_dir, algo=algo, kl_coef=2.0, eval_prompts=0, save_steps=30), tmp_path,
+           reward_fn=count_e)
+    kls = [r["kl"] for r in metric_rows(tmp_path)]
+    assert max(kls) < 0.3, kls
+    assert mean(kls[-10:]) < 0.15, kls
+
+
+def test_without_kl_penalty_the_policy_drifts_far(tiny_model_dir, tmp_path):
+    # the contrast that makes the bound above mean something: the same run with kl_coef 0
+    rl.run(rl_config(tiny_model_dir, eval_prompts=0, save_steps=30), tmp_path, reward_fn=count_e)
+    assert mean(r["kl"] for r in metric_rows(tmp_path)[-5:]) > 1.0
+
+
+# ------------------------------------------------------------------ resume
+
+
+class Killed(Exception):
+    pass
+
+
+def kill_at(step: int):
+    def on_step(s, row):
+        if s == step:
+            raise Killed(f"killed after step {s}")
+    return on_step
+
+
+def test_ppo_resumes_after_a_kill_exactly_as_if_uninterrupted(tiny_model_dir, tmp_path):
+    config = rl_config(tiny_model_dir, steps=8, save_steps=3, eval_prompts=2)
+    straight = tmp_path / "straight"
+    rl.run(config, straight, reward_fn=count_e)
+
+    resumed = tmp_path / "resumed"
+    with pytest.raises(Killed):
+        rl.run(config, resumed, reward_fn=count_e, on_step=kill_at(5))
+    assert [r["step"] for r in metric_rows(resumed)] == [1, 2, 3, 4, 5]
+    summary = rl.run(config, resumed, reward_fn=count_e)
+    assert summary["resumed_from_step"] == 3
+    rows, reference = metric_rows(resumed), metric_rows(straight)
+    assert [r["step"] for r in rows] == list(range(1, 9))  # steps 4-5 written again, not twice
+    for a, b in zip(rows, reference, strict=True):
+        assert a["reward"] == pytest.approx(b["reward"], abs=1e-6)
+        assert a["kl"] == pytest.approx(b["kl"], abs=1e-4)
+    checkpoints = tmp_path / "resumed" / "rl" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-3", "step-6", "step-8"]
+    # only the newest checkpoint keeps the optimizer state (the others are snapshots for plots)
+    assert [p.parent.name for p in checkpoints.glob("step-*/optimizer.safetensors")] == ["step-8"]
+
+
+def test_rloo_resumes_after_a_kill(tiny_model_dir, tmp_path):
+    config = rl_config(tiny_model_dir, algo="rloo", steps=6, save_steps=2, eval_prompts=0)
+    with pytest.raises(Killed):
+        rl.run(config, tmp_path, reward_fn=count_e, on_step=kill_at(3))
+    summary = rl.run(config, tmp_path, reward_fn=count_e)
+    assert summary["resumed_from_step"] == 2
+    assert [r["step"] for r in metric_rows(tmp_path)] == list(range(1, 7))
+    assert sorted(p.name for p in (tmp_path / "rl" / "checkpoints").glob("step-*")) == ["step-2", "step-4",
+                                                                                        "step-6"]
+
+
+def test_lora_ppo_saves_a_merged_model_and_an_adapter(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    rl.run(rl_config(tiny_model_dir, lora=True, lora_r=4, steps=3, save_steps=3, eval_prompts=0), tmp_path,
+           reward_fn=count_e)
+    model_dir = tmp_path / "rl" / "model"
+    assert not (model_dir / "adapter_config.json").exists()
+    AutoModelForCausalLM.from_pretrained(model_dir)  # loads as a plain model
+    assert (tmp_path / "rl" / "checkpoints" / "step-3" / "adapter" / "adapter_config.json").is_file()
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+
+
+def test_bad_input_is_one_error_line_and_exit_2(tiny_model_dir, tmp_path, capsys, no_model_loads):
+    from constitutional.cli import main
+
+    missing_policy = main(["rl", "--out", str(tmp_path), "--set", f"rl.policy={tmp_path / 'nowhere'}"])
+    missing_pm = main(["rl", "--out", str(tmp_path), "--set", f"rl.policy={tiny_model_dir}"])
+    negative_kl = main(["rl", "--out", str(tmp_path), "--set", "rl.kl_coef=-1"])
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert (missing_policy, missing_pm, negative_kl) == (2, 2, 2)
+    assert len(errors) == 3 and all(e.startswith("cai: error: ") for e in errors)
+    assert "rl.policy" in errors[0] and "does not exist" in errors[0]
+    assert "rl.reward_model" in errors[1] and "cai train-pm" in errors[1]
+    assert "rl.kl_coef" in errors[2]
