@@ -255,16 +255,18 @@ class HFBackend:
             rows = order[start:start + self.batch_size]
             batch = self.tokenizer.pad({"input_ids": [items[i][0] for i in rows]},
                                        return_tensors="pt").to(self.device)
-            logits = self.model(**batch).logits.float()  # (batch, seq, vocab)
+            # Rows are left-padded, so every continuation sits at the end of its row: only the
+            # last `keep` positions need the vocabulary projection (the prompts' logits are unused).
+            keep = max(len(items[i][0]) - items[i][1] for i in rows) + 1
+            logits = self.model(**batch, logits_to_keep=keep).logits.float()  # (batch, keep, vocab)
             logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            targets = batch["input_ids"][:, 1:]
-            token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (batch, seq-1)
-            width = batch["input_ids"].shape[1]
+            targets = batch["input_ids"][:, -keep + 1:]
+            token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (batch, keep - 1)
             for j, row in enumerate(rows):
                 ids, n_head = items[row]
-                pad = width - len(ids)
-                # token t (position pad + t) is predicted at position pad + t - 1
-                span = token_logp[j, pad + n_head - 1: pad + len(ids) - 1].tolist()
+                # kept position k predicts the token at kept position k + 1; the continuation is the
+                # last len(ids) - n_head tokens of the row
+                span = token_logp[j, keep - 1 - (len(ids) - n_head):].tolist()
                 toks = self.tokenizer.convert_ids_to_tokens(ids[n_head:])
                 results[row] = TokenLogprobs(tokens=toks, logprobs=span)
         return results  # type: ignore[return-value]
