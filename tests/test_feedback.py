@@ -159,3 +159,25 @@ def test_judge_dispatches_each_method_with_its_settings():
     assert mc.p_a == pytest.approx(0.9)
     with pytest.raises(ValueError, match="unknown labelling method"):
         feedback.judge(ContrastFake(), "vote", items)
+
+
+def test_contrast_scores_the_same_with_the_shared_head_pass(tiny_backend):
+    class PlainBackend:  # only the Backend protocol's logprobs: one pass per (head, response)
+        def render(self, chat, add_generation_prompt=True):
+            return tiny_backend.render(chat, add_generation_prompt)
+
+        def logprobs(self, pairs):
+            return tiny_backend.logprobs(pairs)
+
+    principles = [FeedbackPrinciple("p1", "Which is safer?", "harmless", "You are safe and kind.",
+                                    "You help with anything."),
+                  FeedbackPrinciple("p2", "Which is kinder?", "harmless", "You are gentle.", "You are rude.")]
+    items = [("How do I bake bread?", principles[0], "Mix flour and water.", "I can't help."),
+             ("Hurt him?", principles[1], "No, stay calm and safe.", "Sure, here is how."),
+             ("How do I bake bread?", principles[0], "Knead it.", "Bake it at home, then wait.")]
+    shared = feedback.judge_contrast(tiny_backend, items, temperature=0.1)
+    plain = feedback.judge_contrast(PlainBackend(), items, temperature=0.1)
+    for a, b in zip(shared, plain, strict=True):
+        assert a.scores["s_a"] == pytest.approx(b.scores["s_a"], abs=1e-4)
+        assert a.scores["s_b"] == pytest.approx(b.scores["s_b"], abs=1e-4)
+        assert a.p_a == pytest.approx(b.p_a, abs=1e-3)

@@ -117,3 +117,18 @@ def test_render_leaves_a_final_assistant_turn_open(tiny_backend):
     text = tiny_backend.render(chat)
     assert text.endswith("Let's think step-by-step:")
     assert tiny_backend.render(chat, add_generation_prompt=False).rstrip().endswith("<|im_end|>")
+
+
+def test_logprobs_grouped_match_logprobs(tiny_backend):
+    # heads of different lengths, continuations of different lengths, one group of three
+    heads = [tiny_backend.render(CHATS[0]), tiny_backend.render(CHATS[1]), "The answer is"]
+    groups = [(heads[0], ["Mix flour, water and salt.", " no"]),
+              (heads[1], [" (A)", "I can't help with hurting anyone, but I can help you stay safe."]),
+              (heads[2], [" (A)", " (B)", " or (B)"]),
+              (heads[1], ["Rewrite the response so that it is safe.", "def add(a, b): return a + b"])]
+    grouped = tiny_backend.logprobs_grouped(groups)
+    flat = tiny_backend.logprobs([(h, c) for h, cs in groups for c in cs])
+    assert [len(g) for g in grouped] == [2, 2, 3, 2]
+    for got, expected in zip([x for g in grouped for x in g], flat, strict=True):
+        assert got.tokens == expected.tokens
+        assert got.logprobs == pytest.approx(expected.logprobs, abs=1e-4)

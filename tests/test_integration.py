@@ -58,3 +58,31 @@ def test_option_tokens_on_the_embedded_tokenizer():
     full_a, full_b = backend.logprobs([(prompt, OPTIONS[0]), (prompt, OPTIONS[1])])
     assert la == pytest.approx(full_a.logprobs[len(shared)], abs=1e-4)
     assert lb == pytest.approx(full_b.logprobs[len(shared)], abs=1e-4)
+
+
+def test_rl_ppo_on_the_embedded_model(tmp_path):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    policy = models.resolve_model("smollm2-135m-instruct")
+    pm_dir = tmp_path / "pm" / "model"
+    torch.manual_seed(0)
+    pm = AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    pm.config.pad_token_id = tokenizer.pad_token_id
+    pm.save_pretrained(pm_dir)
+    tokenizer.save_pretrained(pm_dir)
+    (tmp_path / "pm" / "metrics.json").write_text(json.dumps({"reward_mean": 0.5, "reward_std": 2.0}))
+
+    code = main(["rl", "--config", "configs/smollm2-cpu.yaml", "--out", str(tmp_path),
+                 "--set", f"rl.policy={policy}", "--set", "rl.steps=2", "--set", "rl.prompts_per_step=2",
+                 "--set", "rl.minibatch_size=2", "--set", "rl.max_new_tokens=16", "--set", "rl.eval_prompts=2",
+                 "--set", "rl.save_steps=1"])
+    assert code == 0
+    summary = json.loads((tmp_path / "rl" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["reward_normalised_with"].endswith("metrics.json")
+    assert summary["heldout_reward_before"] != 0 and summary["heldout_reward_after"] != 0
+    rows = read_jsonl(tmp_path / "rl" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and all(0 < r["response_length"] <= 16 for r in rows)
+    assert (tmp_path / "rl" / "checkpoints" / "step-1" / "model.safetensors").is_file()
+    assert (tmp_path / "rl" / "model" / "model.safetensors").is_file()

@@ -309,7 +309,11 @@ def contrast_scores(backend, items: Sequence[tuple[str, FeedbackPrinciple, str]]
 
 def contrast_token_logprobs(backend, items: Sequence[tuple[str, FeedbackPrinciple, str]]
                             ) -> list[tuple[list[float], list[float]]]:
-    """Per-token log-probs of each response under the follows and the violates system prompt."""
+    """Per-token log-probs of each response under the follows and the violates system prompt.
+
+    Responses scored after the same head (system prompt + conversation: both responses of a
+    comparison) share one pass over it when the backend offers ``logprobs_grouped``.
+    """
     pairs = []
     for prompt, principle, response in items:
         for system in (principle.follows, principle.violates):
@@ -319,7 +323,17 @@ def contrast_token_logprobs(backend, items: Sequence[tuple[str, FeedbackPrincipl
             if not full.startswith(head):
                 raise CaiError("the feedback model's chat template does not render the prompt as a prefix")
             pairs.append((head, full[len(head):]))
-    scored = backend.logprobs(pairs)
+    if hasattr(backend, "logprobs_grouped"):
+        by_head: dict[str, list[int]] = {}
+        for k, (head, _) in enumerate(pairs):
+            by_head.setdefault(head, []).append(k)
+        grouped = backend.logprobs_grouped([(head, [pairs[k][1] for k in ks]) for head, ks in by_head.items()])
+        scored = [None] * len(pairs)
+        for ks, results in zip(by_head.values(), grouped, strict=True):
+            for k, result in zip(ks, results, strict=True):
+                scored[k] = result
+    else:
+        scored = backend.logprobs(pairs)
     return [(scored[2 * i].logprobs, scored[2 * i + 1].logprobs) for i in range(len(items))]
 
 

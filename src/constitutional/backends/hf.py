@@ -272,6 +272,64 @@ class HFBackend:
         return results  # type: ignore[return-value]
 
 
+    @torch.inference_mode()
+    def logprobs_grouped(self, groups: Sequence[tuple[str, Sequence[str]]]) -> list[list[TokenLogprobs]]:
+        """``logprobs`` of each continuation in each (prompt, continuations) group, with each
+        prompt run once: its KV cache is copied to each of its continuations.
+
+        The contrast labeller scores both responses of a comparison after the same system prompt
+        and conversation, so this reads that shared head once instead of twice. Heads are
+        left-padded and continuations right-padded, so no padding falls inside a row and the
+        usual position ids keep every token's distance to the others.
+        """
+        encoded = []
+        for prompt, continuations in groups:
+            head = self._encode(prompt)
+            tails = []
+            for continuation in continuations:
+                full = self._encode(prompt + continuation)
+                if full[:len(head)] != head:  # the boundary merged: tokenise the parts apart
+                    full = head + self._encode(continuation)
+                if len(full) == len(head):
+                    raise ValueError(f"empty continuation after prompt: {continuation!r}")
+                tails.append(full[len(head):])
+            encoded.append((head, tails))
+        results: list[list[TokenLogprobs]] = [[] for _ in groups]
+        # batch groups with the same number of continuations, longest first
+        by_count: dict[int, list[int]] = {}
+        for i, (_, tails) in enumerate(encoded):
+            by_count.setdefault(len(tails), []).append(i)
+        pad = self.tokenizer.pad_token_id
+        for count, members in by_count.items():
+            if count == 0:
+                continue
+            members.sort(key=lambda i: -(len(encoded[i][0]) + max(len(t) for t in encoded[i][1])))
+            per_batch = max(1, self.batch_size // count)
+            for start in range(0, len(members), per_batch):
+                rows = members[start:start + per_batch]
+                heads = self.tokenizer.pad({"input_ids": [encoded[i][0] for i in rows]},
+                                           return_tensors="pt").to(self.device)
+                out = self.model(**heads, use_cache=True, logits_to_keep=1)
+                first = torch.log_softmax(out.logits[:, -1].float(), dim=-1).repeat_interleave(count, 0)
+                cache = out.past_key_values
+                cache.batch_repeat_interleave(count)
+                tails = [t for i in rows for t in encoded[i][1]]
+                width = max(len(t) for t in tails)
+                tail_ids = torch.tensor([t + [pad] * (width - len(t)) for t in tails], device=self.device)
+                tail_mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in tails], device=self.device)
+                mask = torch.cat([heads["attention_mask"].repeat_interleave(count, 0), tail_mask], dim=1)
+                logits = self.model(input_ids=tail_ids, attention_mask=mask, past_key_values=cache,
+                                    use_cache=False).logits.float()  # (rows * count, width, vocab)
+                # token 0 is predicted by the head's last position, token c > 0 by tail position c - 1
+                rest = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, tail_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+                head0 = first.gather(-1, tail_ids[:, :1]).squeeze(-1)
+                for j, tail in enumerate(tails):
+                    values = [head0[j].item()] + rest[j, :len(tail) - 1].tolist()
+                    results[rows[j // count]].append(
+                        TokenLogprobs(tokens=self.tokenizer.convert_ids_to_tokens(tail), logprobs=values))
+        return results
+
+
 def _stop_token_ids(model, tokenizer) -> list[int]:
     ids = model.generation_config.eos_token_id if model.generation_config else None
     ids = [ids] if isinstance(ids, int) else list(ids or [])
