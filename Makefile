@@ -32,6 +32,7 @@ bench: setup
 	$(PY) bench/generate.py
 	$(PY) bench/train.py
 	$(PY) bench/label.py
+	$(PY) bench/rl.py
 
 clean:
 	rm -rf runs build dist .pytest_cache
