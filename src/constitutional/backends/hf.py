@@ -303,7 +303,8 @@ class HFBackend:
         for count, members in by_count.items():
             if count == 0:
                 continue
-            members.sort(key=lambda i: -(len(encoded[i][0]) + max(len(t) for t in encoded[i][1])))
+            # the continuations are most of the tokens: sort by their length to waste little padding
+            members.sort(key=lambda i: (-max(len(t) for t in encoded[i][1]), -len(encoded[i][0])))
             per_batch = max(1, self.batch_size // count)
             for start in range(0, len(members), per_batch):
                 rows = members[start:start + per_batch]
