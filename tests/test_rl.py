@@ -144,6 +144,14 @@ def test_ppo_resumes_after_a_kill_exactly_as_if_uninterrupted(tiny_model_dir, tm
     assert [p.parent.name for p in checkpoints.glob("step-*/optimizer.safetensors")] == ["step-8"]
 
 
+def test_more_steps_and_eval_prompts_continue_a_finished_run(tiny_model_dir, tmp_path):
+    rl.run(rl_config(tiny_model_dir, steps=2, save_steps=2, eval_prompts=2), tmp_path, reward_fn=count_e)
+    summary = rl.run(rl_config(tiny_model_dir, steps=4, save_steps=2, eval_prompts=3), tmp_path, reward_fn=count_e)
+    assert summary["resumed_from_step"] == 2 and summary["heldout_prompts"] == 3
+    assert [r["step"] for r in metric_rows(tmp_path)] == [1, 2, 3, 4]
+    assert len((tmp_path / "rl" / "samples.jsonl").read_text().splitlines()) == 3
+
+
 def test_rloo_resumes_after_a_kill(tiny_model_dir, tmp_path):
     config = rl_config(tiny_model_dir, algo="rloo", steps=6, save_steps=2, eval_prompts=0)
     with pytest.raises(Killed):

@@ -163,10 +163,10 @@ def run(config: PipelineConfig, out_dir: str | Path, reward_fn: RewardFn | None 
     # The PM's verdict on held-out red-team prompts, greedy, before any RL (kept across resumes).
     samples_path = stage_dir / "samples.jsonl"
     before_path = stage_dir / "eval_before.json"
-    if eval_prompts and not before_path.is_file():
+    eval_ids = [p.id for p in eval_prompts]
+    if eval_prompts and (not before_path.is_file() or json.loads(before_path.read_text()).get("ids") != eval_ids):
         model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(device).eval()
-        before = _evaluate(model, tokenizer, eval_prompts, reward_fn, cfg)
-        write_json(before_path, before)
+        write_json(before_path, {"ids": eval_ids, **_evaluate(model, tokenizer, eval_prompts, reward_fn, cfg)})
         del model
 
     metrics_log = MetricsLog(stage_dir, cfg.tensorboard)
