@@ -162,14 +162,13 @@ class Batch:
         response_mask = torch.tensor([[1] * len(r) + [0] * (t_len - len(r)) for r in responses])
         return cls(query_ids, query_mask, response_ids, response_mask)
 
-    def select(self, rows: torch.Tensor) -> tuple[Batch, int]:
-        """The given rows, with padding columns no selected row needs cut off; also the new T."""
+    def select(self, rows: torch.Tensor) -> Batch:
+        """The given rows, with the padding columns that no selected row needs cut off."""
         qm, rm = self.query_mask[rows], self.response_mask[rows]
         q_keep = int(qm.sum(1).max())
         t_keep = int(rm.sum(1).max())
-        sub = Batch(self.query_ids[rows][:, -q_keep:], qm[:, -q_keep:],
-                    self.response_ids[rows][:, :t_keep], rm[:, :t_keep])
-        return sub, t_keep
+        return Batch(self.query_ids[rows][:, -q_keep:], qm[:, -q_keep:],
+                     self.response_ids[rows][:, :t_keep], rm[:, :t_keep])
 
     def to(self, device) -> Batch:
         return Batch(*(t.to(device) for t in (self.query_ids, self.query_mask, self.response_ids, self.response_mask)))
@@ -196,6 +195,10 @@ def forward(model, value_head: ValueHead | None, batch: Batch, temperature: floa
     return logp, values, entropy
 
 
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 @torch.no_grad()
 def sample(model, tokenizer, queries: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
            top_p: float = 1.0, greedy: bool = False, batch_size: int = 32, min_new_tokens: int = 0
@@ -203,7 +206,7 @@ def sample(model, tokenizer, queries: list[list[int]], max_new_tokens: int, temp
     """Response token ids for each query, cut after the first stop token (which is kept)."""
     stop = model.generation_config.eos_token_id if model.generation_config is not None else None
     stop = {stop} if isinstance(stop, int) else set(stop or [tokenizer.eos_token_id])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = _pad_id(tokenizer)
     device = next(model.parameters()).device
     out: list[list[int]] = []
     for start in range(0, len(queries), batch_size):
@@ -230,7 +233,7 @@ def ppo_step(policy, value_head: ValueHead, ref_model, optimizer: torch.optim.Op
     """
     s = settings
     device = next(policy.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = _pad_id(tokenizer)
 
     # 1. rollout
     responses = sample(policy, tokenizer, queries, s.max_new_tokens, s.temperature, s.top_p,
@@ -260,8 +263,9 @@ def ppo_step(policy, value_head: ValueHead, ref_model, optimizer: torch.optim.Op
                                      "entropy": []}
     for _ in range(s.ppo_epochs):
         for rows in torch.randperm(n).split(s.minibatch_size):
-            sub, t_keep = batch.select(rows)
+            sub = batch.select(rows)
             m = sub.response_mask
+            t_keep = m.shape[1]
             logp, values, entropy = forward(policy, value_head, sub, s.temperature, with_entropy=True)
             old = old_logp[rows][:, :t_keep]
             p_loss, clip_fraction = policy_loss(logp, old, advantages[rows][:, :t_keep], m, s.clip_range)

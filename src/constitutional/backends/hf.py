@@ -243,12 +243,7 @@ class HFBackend:
         items = []
         for prompt, continuation in pairs:
             head = self._encode(prompt)
-            full = self._encode(prompt + continuation)
-            if full[:len(head)] != head:  # the boundary merged: tokenise the parts apart
-                full = head + self._encode(continuation)
-            if len(full) == len(head):
-                raise ValueError(f"empty continuation after prompt: {continuation!r}")
-            items.append((full, len(head)))
+            items.append((head + self._continuation_ids(prompt, head, continuation), len(head)))
         order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
         results: list[TokenLogprobs | None] = [None] * len(items)
         for start in range(0, len(order), self.batch_size):
@@ -271,6 +266,15 @@ class HFBackend:
                 results[row] = TokenLogprobs(tokens=toks, logprobs=span)
         return results  # type: ignore[return-value]
 
+    def _continuation_ids(self, prompt: str, head: list[int], continuation: str) -> list[int]:
+        """The tokens that tokenising ``prompt + continuation`` adds after ``head`` (the prompt's
+        tokens), or the continuation tokenised alone if the boundary merged."""
+        full = self._encode(prompt + continuation)
+        if full[:len(head)] != head:  # the boundary merged: tokenise the parts apart
+            full = head + self._encode(continuation)
+        if len(full) == len(head):
+            raise ValueError(f"empty continuation after prompt: {continuation!r}")
+        return full[len(head):]
 
     @torch.inference_mode()
     def logprobs_grouped(self, groups: Sequence[tuple[str, Sequence[str]]]) -> list[list[TokenLogprobs]]:
@@ -285,15 +289,7 @@ class HFBackend:
         encoded = []
         for prompt, continuations in groups:
             head = self._encode(prompt)
-            tails = []
-            for continuation in continuations:
-                full = self._encode(prompt + continuation)
-                if full[:len(head)] != head:  # the boundary merged: tokenise the parts apart
-                    full = head + self._encode(continuation)
-                if len(full) == len(head):
-                    raise ValueError(f"empty continuation after prompt: {continuation!r}")
-                tails.append(full[len(head):])
-            encoded.append((head, tails))
+            encoded.append((head, [self._continuation_ids(prompt, head, c) for c in continuations]))
         results: list[list[TokenLogprobs]] = [[] for _ in groups]
         # batch groups with the same number of continuations, longest first
         by_count: dict[int, list[int]] = {}
