@@ -224,8 +224,8 @@ def sample(model, tokenizer, queries: list[list[int]], max_new_tokens: int, temp
 
 def ppo_step(policy, value_head: ValueHead, ref_model, optimizer: torch.optim.Optimizer, tokenizer,
              queries: list[list[int]], score: Callable[[list[list[int]]], list[float]],
-             settings: RlConfig) -> tuple[dict, list[list[int]]]:
-    """One PPO step on these queries (token ids); returns its metrics and the sampled responses.
+             settings: RlConfig) -> dict:
+    """One PPO step on these queries (token ids); returns its metrics (``reward``: the mean score).
 
     ``score`` maps the responses (token ids) to rewards. ``ref_model`` None means the policy is a
     PEFT model whose adapter, switched off, is the reference. ``settings``: the ``rl`` section of
@@ -284,13 +284,13 @@ def ppo_step(policy, value_head: ValueHead, ref_model, optimizer: torch.optim.Op
 
     lengths = mask.sum(1).float()
     metrics = {
-        "score": scores.mean().item(),
+        "reward": scores.mean().item(),
         "kl": (log_ratio_ref.sum() / mask.sum()).item(),  # per token, as TRL's RLOO reports it
         "kl_sequence": log_ratio_ref.sum(1).mean().item(),
         "response_length": lengths.mean().item(),
         **{k: sum(v) / len(v) for k, v in stats.items()},
     }
-    return metrics, responses
+    return metrics
 
 
 # ------------------------------------------------------------------ optimizer state as safetensors

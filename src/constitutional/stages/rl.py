@@ -252,14 +252,13 @@ def _run_ppo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, red_team, he
     last = last_checkpoint(stage_dir / "checkpoints", need="optimizer.safetensors")
     ref_model = None
     if cfg.lora:
-        from peft import LoraConfig, PeftModel, get_peft_model
+        from peft import PeftModel, get_peft_model
 
         base = load(policy_path)
         if last:
             policy = PeftModel.from_pretrained(base, last / "adapter", is_trainable=True)
         else:
-            policy = get_peft_model(base, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                                     lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM"))
+            policy = get_peft_model(base, _lora_config(cfg))
     else:
         policy = load(last if last else policy_path)
         ref_model = load(policy_path).eval().requires_grad_(False)
@@ -287,8 +286,8 @@ def _run_ppo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, red_team, he
             texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
             return reward_fn([as_chat(p) for p in prompts], texts)
 
-        stats, _ = ppo.ppo_step(policy, value_head, ref_model, optimizer, tokenizer, queries, score, cfg)
-        row = {"step": step, "reward": stats.pop("score"), **stats, "seconds": round(time.time() - t0, 3)}
+        stats = ppo.ppo_step(policy, value_head, ref_model, optimizer, tokenizer, queries, score, cfg)
+        row = {"step": step, **stats, "seconds": round(time.time() - t0, 3)}
         metrics_log.write(row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}")
         if step % cfg.save_steps == 0 or step == cfg.steps:
@@ -358,12 +357,6 @@ def _run_rloo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, red_team, h
         def on_save(self, args, state, control, model=None, **kwargs):
             save_checkpoint(model, tokenizer, stage_dir / "checkpoints", state.global_step)
 
-    peft_config = None
-    if cfg.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 task_type="CAUSAL_LM")
     args = RLOOConfig(
         output_dir=str(trainer_dir), max_steps=cfg.steps, learning_rate=cfg.learning_rate,
         lr_scheduler_type="constant", warmup_steps=0,
@@ -377,7 +370,8 @@ def _run_rloo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, red_team, h
     )
     model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
     trainer = RLOOTrainer(model=model, reward_funcs=[pm_reward], args=args, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[Log()], peft_config=peft_config)
+                          processing_class=tokenizer, callbacks=[Log()],
+                          peft_config=_lora_config(cfg) if cfg.lora else None)
     if last:
         _log(f"resuming from {last}")
     trainer.train(resume_from_checkpoint=last)
@@ -385,6 +379,12 @@ def _run_rloo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, red_team, h
     if cfg.lora:
         final = final.merge_and_unload()
     return final, (done or None)
+
+
+def _lora_config(cfg: RlConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM")
 
 
 # ------------------------------------------------------------------ files
