@@ -106,11 +106,9 @@ def run(config: PipelineConfig, out_dir: str | Path, backend: Backend | None = N
     start = time.time()
     if plans:
         if backend is None:
-            from constitutional.backends.hf import HFBackend
-            from constitutional.models import resolve_model
+            from constitutional.backends import load_backend
 
-            backend = HFBackend(resolve_model(cfg.model), batch_size=cfg.batch_size,
-                                device=cfg.device, name=cfg.model)
+            backend = load_backend(cfg.model, batch_size=cfg.batch_size, device=cfg.device)
         start = time.time()  # tokens/s counts generation, not model loading
         fits = []
         for plan in plans:

@@ -79,18 +79,15 @@ def run(config: PipelineConfig, out_dir: str | Path, policy_backend=None, feedba
     written = 0
     temperature = cfg.contrast_temperature
     if todo:
-        from constitutional.backends.hf import HFBackend
-        from constitutional.models import resolve_model
+        from constitutional.backends import load_backend, same_model
 
         if policy_backend is None:
-            policy_backend = HFBackend(resolve_model(policy_spec), batch_size=cfg.batch_size, device=cfg.device,
-                                       name=policy_spec)
+            policy_backend = load_backend(policy_spec, batch_size=cfg.batch_size, device=cfg.device)
         if feedback_backend is None:
-            if resolve_model(feedback_spec) == resolve_model(policy_spec):
+            if same_model(feedback_spec, policy_spec):
                 feedback_backend = policy_backend
             else:
-                feedback_backend = HFBackend(resolve_model(feedback_spec), batch_size=cfg.batch_size,
-                                             device=cfg.device, name=feedback_spec)
+                feedback_backend = load_backend(feedback_spec, batch_size=cfg.batch_size, device=cfg.device)
         if cfg.method == "contrast" and temperature is None:
             temperature = _fit_temperature(feedback_backend, pools, config.seed, cfg.contrast_reduce)
             _log(f"contrast temperature fitted on the shipped eval pairs: {temperature:.4f}")

@@ -112,10 +112,9 @@ def run(config: PipelineConfig, out_dir: str | Path, variants: list[str] | None 
 
     model_spec = cfg.feedback_model or config.critique_revise.model
     if backend is None:
-        from constitutional.backends.hf import HFBackend
-        from constitutional.models import resolve_model
+        from constitutional.backends import load_backend
 
-        backend = HFBackend(resolve_model(model_spec), batch_size=cfg.batch_size, device=cfg.device, name=model_spec)
+        backend = load_backend(model_spec, batch_size=cfg.batch_size, device=cfg.device)
 
     results: dict = {"feedback_model": model_spec, "fewshot": len(fewshot), "variants": {}}
     contrast_cache: dict = {}  # both contrast reductions share the same forward passes
