@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 CAI := $(VENV)/bin/cai
 PYTHON ?= python3
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup browser demo test test-fast lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -18,9 +18,16 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(CAI) run configs/smollm2-cpu.yaml --out runs/demo
 
-test: setup
+# The report test renders report.html in Debian's headless Chromium (installed here when missing).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "installing Debian's chromium for the report rendering test"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+test: setup browser
 	$(PY) -m ruff check src tests bench
-	$(PY) -m pytest
+	CAI_REQUIRE_BROWSER=1 $(PY) -m pytest
 
 lint: setup
 	$(PY) -m ruff check src tests bench

@@ -6,6 +6,10 @@
     cai label [--config CONFIG] --out DIR [--set label.method=multiple_choice ...]
     cai label-eval [--config CONFIG] --out DIR [--variants contrast-mean,mc-fewshot-both] [--limit N]
     cai train-pm [--config CONFIG] --out DIR
+    cai rl [--config CONFIG] --out DIR
+    cai evaluate [--config CONFIG] --out DIR [--set evaluate.extra_models.other=path/to/model ...]
+    cai report RUN_DIR
+    cai chat --model SPEC [--prompt TEXT]
     cai score --pm DIR --in rows.jsonl --out scored.jsonl
     cai fetch-model [smollm2-135m-instruct]
 
@@ -37,6 +41,7 @@ STAGE_MODULES = {
     "label": ("label", "constitutional.stages.label"),
     "pm": ("train-pm", "constitutional.stages.pm"),
     "rl": ("rl", "constitutional.stages.rl"),
+    "evaluate": ("evaluate", "constitutional.stages.evaluate"),
 }
 
 
@@ -92,6 +97,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_score)
 
+    p = sub.add_parser("report", help="write RUN_DIR/report.html: metrics, effect table, Elo, plots, examples")
+    p.add_argument("run_dir", help="run directory (e.g. runs/demo)")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("chat", help="talk to a model (any snapshot of a run) in its chat template")
+    p.add_argument("--model", required=True, help="model spec: a run's sft/model or rl/model, a directory, "
+                   "or smollm2-135m-instruct")
+    p.add_argument("--prompt", help="answer this one prompt on stdout and exit (default: interactive)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_chat)
+
     p = sub.add_parser("fetch-model", help="download and convert an embedded model into the cache")
     p.add_argument("name", nargs="?", default="smollm2-135m-instruct")
     p.set_defaults(func=_cmd_fetch_model)
@@ -114,6 +134,9 @@ def _cmd_run(args) -> int:
                 raise CaiError(f"--stages: unknown stage {s!r} (stages: {', '.join(STAGES)})")
     out = Path(args.out)
     _run_stages(config, out, stages, args.config)
+    from constitutional.report import write_report
+
+    print(f"report: {write_report(out).resolve()}")
     print(f"results: {out.resolve()}")
     return 0
 
@@ -150,6 +173,41 @@ def _cmd_score(args) -> int:
         for row, score in zip(rows, scores, strict=True):
             f.write(json.dumps({**row, "score": score}, ensure_ascii=False) + "\n")
     print(f"scored {len(rows)} rows into {args.out}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from constitutional.report import write_report
+
+    print(write_report(args.run_dir).resolve())
+    return 0
+
+
+def _cmd_chat(args) -> int:
+    from constitutional.backends import load_backend
+    from constitutional.backends.base import SamplingParams
+    from constitutional.chat import HELP, answer, chat_loop
+    from constitutional.models import check_model_spec
+
+    if args.temperature < 0 or args.max_new_tokens < 1:
+        raise CaiError("chat: --temperature must be 0 or more and --max-new-tokens at least 1")
+    check_model_spec(args.model, "--model")
+    backend = load_backend(args.model, batch_size=1, device=args.device)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    if args.prompt is not None:
+        history = ([{"role": "system", "content": args.system}] if args.system else [])
+        print(answer(backend, history + [{"role": "user", "content": args.prompt}], params))
+        return 0
+
+    def read_line() -> str | None:
+        try:
+            return input("you> ")
+        except EOFError:
+            print()
+            return None
+
+    print(f"chatting with {args.model}. {HELP}")
+    chat_loop(backend, read_line, lambda text: print(f"model> {text}"), params, args.system)
     return 0
 
 

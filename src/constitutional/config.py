@@ -349,6 +349,64 @@ class RlConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """Stage 6, ``cai evaluate``: what the run did to the model, on prompts no training stage reads.
+
+    snapshots: which of the run's models to evaluate, among ``base``, ``sl-cai`` (sft/model),
+        ``rl-checkpoints`` (rl/checkpoints/step-N) and ``rl-cai`` (rl/model); None: every one that
+        exists. A name listed here whose directory does not exist is an error.
+    extra_models: more models to compare, ``{name: model spec}`` (e.g. another run's rl/model).
+    base_model: the base snapshot's model (None: sft.model, else critique_revise.model).
+    red_team_prompts: prompt source whose held-out split measures harmlessness.
+    helpful_prompts: prompt source whose held-out split measures helpfulness and over-refusal.
+    limit: use at most this many prompts of each held-out split (None: all).
+    max_new_tokens: token budget of each response.
+    sampled: also sample one response per prompt at ``sample_temperature`` (fixed seeds), besides greedy.
+    sample_temperature: temperature of the sampled responses.
+    elo: compare snapshots pairwise with the stage-3 judge (``label.method``) and fit Elo per axis.
+    second_opinion: also classify refusals with the feedback model (contrast of a "declines" and a
+        "does the task" system prompt), beside the rule-based detector.
+    pm: preference model that scores every response (None: the run's pm/model if it exists).
+    use_pm: score responses with the preference model when there is one.
+    bootstrap_samples: resamples behind every 95% interval.
+    batch_size: chats per forward pass.
+    device: ``auto`` (cuda if available), ``cpu`` or ``cuda``.
+    """
+
+    snapshots: list[str] | None = None
+    extra_models: dict[str, str] = field(default_factory=dict)
+    base_model: str | None = None
+    red_team_prompts: str = "red-team"
+    helpful_prompts: str = "helpful"
+    limit: int | None = None
+    max_new_tokens: int = 128
+    sampled: bool = True
+    sample_temperature: float = 0.7
+    elo: bool = True
+    second_opinion: bool = True
+    pm: str | None = None
+    use_pm: bool = True
+    bootstrap_samples: int = 1000
+    batch_size: int = 32
+    device: str = "auto"
+
+    def check(self) -> None:
+        from constitutional.evaluation.snapshots import SNAPSHOT_KINDS
+
+        for name in self.snapshots or []:
+            _require(name in SNAPSHOT_KINDS, "evaluate.snapshots",
+                     f"unknown snapshot {name!r} (known: {', '.join(SNAPSHOT_KINDS)})")
+        for name in self.extra_models:
+            _require(name not in SNAPSHOT_KINDS and not name.startswith("rl-step-"), "evaluate.extra_models",
+                     f"name {name!r} is taken by a run snapshot; pick another")
+        _require(self.limit is None or self.limit >= 1, "evaluate.limit", "must be at least 1")
+        _require(self.max_new_tokens >= 1, "evaluate.max_new_tokens", "must be at least 1")
+        _require(self.sample_temperature > 0, "evaluate.sample_temperature", "must be more than 0")
+        _require(self.bootstrap_samples >= 1, "evaluate.bootstrap_samples", "must be at least 1")
+        _require(self.batch_size >= 1, "evaluate.batch_size", "must be at least 1")
+
+
+@dataclass
 class PipelineConfig:
     """The whole pipeline.
 
@@ -359,6 +417,7 @@ class PipelineConfig:
     label: stage 3 settings.
     pm: stage 4 settings.
     rl: stage 5 settings.
+    evaluate: stage 6 settings.
     """
 
     seed: int = 0
@@ -368,6 +427,7 @@ class PipelineConfig:
     label: LabelConfig = field(default_factory=LabelConfig)
     pm: PmConfig = field(default_factory=PmConfig)
     rl: RlConfig = field(default_factory=RlConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def check(self) -> None:
         self.pm.check()
@@ -375,12 +435,13 @@ class PipelineConfig:
         self.sft.check()
         self.label.check()
         self.rl.check()
+        self.evaluate.check()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-STAGES = ("critique_revise", "sft", "label", "pm", "rl")
+STAGES = ("critique_revise", "sft", "label", "pm", "rl", "evaluate")
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -459,6 +520,11 @@ def _coerce(value, hint, key: str):
             except CaiError:
                 continue
         raise CaiError(f"config key '{key}': expected {_type_name(hint)}, got {value!r}")
+    if origin is dict:
+        key_type, value_type = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise CaiError(f"config key '{key}': expected a mapping, got {value!r}")
+        return {_coerce(k, key_type, f"{key}"): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         (item_type,) = typing.get_args(hint)
         if not isinstance(value, list):

@@ -1,0 +1,337 @@
+"""``cai report RUN_DIR``: one self-contained HTML page about a run.
+
+It reads only the files the stages wrote (``manifest.json``, each stage's summary and metrics,
+``evaluate/*.json``, the JSONL rows) and writes ``RUN_DIR/report.html``: the config, each
+stage's metrics and wall time, the effect table, the Elo tables with the judge's validity, the
+plots (embedded as data URIs, so the page needs no network and no other file), per-principle
+statistics (the constitution as an audit trail), side-by-side answers of the snapshots to the
+same held-out prompts, sample critique/revision rounds and labelled comparisons.
+
+Model and user text is untrusted: every piece of it goes through ``html.escape``; the page has
+no script. Missing stages are simply left out, so the report works on a partial run.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from constitutional.errors import CaiError
+
+SIDE_BY_SIDE = 6  # held-out prompts of each kind shown with every snapshot's answer
+EXAMPLES = 4  # critique/revision rows and labelled comparisons shown
+
+
+def esc(value) -> str:
+    """HTML-escaped text of any value (None shows as an empty string).
+
+    >>> esc("<script>alert(1)</script>")
+    '&lt;script&gt;alert(1)&lt;/script&gt;'
+    """
+    return "" if value is None else html.escape(str(value), quote=True)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except json.JSONDecodeError:
+        return None
+
+
+def _read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
+    rows = []
+    if not path.is_file():
+        return rows
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line of a stage that was killed
+            if isinstance(row, dict):
+                rows.append(row)
+                if limit is not None and len(rows) >= limit:
+                    break
+    return rows
+
+
+def _image(path: Path, alt: str) -> str:
+    if not path.is_file() or path.stat().st_size == 0:
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (f'<figure><img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
+            f'<figcaption>{esc(alt)}</figcaption></figure>')
+
+
+def _table(header: list[str], rows: list[list[str]], raw: bool = False) -> str:
+    """An HTML table; cells are escaped unless ``raw`` (for cells this module built itself)."""
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c if raw else esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _interval(cell) -> str:
+    if not cell:
+        return "-"
+    value, low, high = cell
+    if value != value:  # NaN
+        return "-"
+    return f"{value:.2f} <span class=ci>[{low:.2f}, {high:.2f}]</span>"
+
+
+def _text_block(text) -> str:
+    return f"<div class=text>{esc(text)}</div>"
+
+
+# ------------------------------------------------------------------ sections
+
+
+def _section_stages(run: Path, manifest: dict | None) -> str:
+    stages = (manifest or {}).get("stages", {})
+    highlights = {
+        "critique_revise": ("rows", "degenerate_rows", "tokens_per_second"),
+        "sft": ("train_examples", "heldout_revision_nll_before", "heldout_revision_nll_after"),
+        "label": ("rows", "method", "mean_p_chosen"),
+        "pm": ("heldout_accuracy", "heldout_calibration_error", "eval_pairs_accuracy"),
+        "rl": ("algo", "steps", "heldout_reward_before", "heldout_reward_after", "final_kl"),
+        "evaluate": ("prompts",),
+    }
+    rows = []
+    for stage, entry in stages.items():
+        summary = entry.get("summary") or {}
+        shown = {k: summary[k] for k in highlights.get(stage, ()) if k in summary}
+        seconds = entry.get("seconds")
+        rows.append([stage, entry.get("status", "?"), "-" if seconds is None else f"{seconds:.0f} s",
+                     ", ".join(f"{k}: {json.dumps(v)}" for k, v in shown.items())])
+    if not rows:
+        return "<p>No manifest.json: the stages were run one by one; see each stage's directory.</p>"
+    return _table(["stage", "status", "wall time", "metrics"], rows)
+
+
+def _section_effect(effect: dict) -> str:
+    rows = []
+    for r in effect.get("rows", []):
+        red, helpful = r.get("red_team", {}), r.get("helpful", {})
+        rows.append([
+            esc(r["snapshot"]), esc(r["decoding"]),
+            _interval(red.get("refusal")), _interval(red.get("refusal_vs_base")),
+            _interval(helpful.get("refusal")), _interval(helpful.get("refusal_vs_base")),
+            _interval(red.get("second")), _interval(helpful.get("second")), _interval(red.get("pm")),
+            _interval(red.get("contrast")), _interval(red.get("degenerate")), esc(red.get("tokens")),
+        ])
+    header = ["snapshot", "decoding", "refuse/redirect (red-team)", "vs base", "over-refusal (helpful)", "vs base",
+              "2nd opinion red-team", "2nd opinion helpful", "PM (red-team)", "contrast (red-team)",
+              "degenerate (red-team)", "tokens"]
+    out = [_table(header, rows, raw=True)]
+    prompts = effect.get("prompts", {})
+    out.append(f"<p class=note>Held-out prompts: {esc(prompts.get('red-team'))} red-team, {esc(prompts.get('helpful'))}"
+               f" helpful. Rates by the rule-based detector; 95% bootstrap intervals; \"vs base\" is the paired "
+               f"difference from the base model on the same prompts.</p>")
+    second = effect.get("second_opinion")
+    if second:
+        out.append(f"<p class=note>Second opinion: the feedback model's contrast of a \"declines\" and a \"does the "
+                   f"task\" system prompt, threshold {second['threshold']:.3f}, accuracy on the detector's "
+                   f"{second['examples']} labelled examples {second['accuracy_cross_fitted']:.2f} (cross-fitted).</p>")
+    for w in effect.get("warnings", []):
+        out.append(f"<p class=warn>Warning: {esc(w)}</p>")
+    cases = effect.get("disagreements", [])
+    if cases:
+        out.append("<h3>Where the detector and the second opinion disagree</h3>")
+        out.append(_table(["snapshot", "prompt", "response", "detector", "second opinion"],
+                          [[c["snapshot"], c["prompt"], c["response"], f"{c['detector']} ({c.get('detector_rule')})",
+                            f"{c['second_opinion']} ({c['refusal_score']:.3f})"] for c in cases]))
+    return "\n".join(out)
+
+
+def _section_elo(elo: dict) -> str:
+    judge = elo.get("judge", {})
+    out = [f"<p>Judge: <code>{esc(judge.get('model'))}</code>, method <code>{esc(elo.get('method'))}</code>; "
+           f"Bradley-Terry fit with {esc(elo.get('anchor'))} at 0 and 95% bootstrap intervals over prompts.</p>"]
+    for w in judge.get("warnings", []):
+        out.append(f"<p class=warn>Warning: {esc(w)}</p>")
+    for axis, table in elo.get("axes", {}).items():
+        validity = judge.get("sets", {}).get(axis, {})
+        acc = validity.get("accuracy")
+        out.append(f"<h3>{esc(axis)}</h3><p class=note>{esc(table.get('comparisons'))} comparisons on "
+                   f"{esc(table.get('prompts'))} prompts. Judge validity: accuracy "
+                   f"{'-' if acc is None else f'{acc:.2f}'} on the shipped {esc(validity.get('pairs'))} pairs.</p>")
+        out.append(_table(["snapshot", "Elo", "95% interval"],
+                          [[n, f"{v['elo']:.0f}", f"[{v['low']:.0f}, {v['high']:.0f}]"]
+                           for n, v in table.get("snapshots", {}).items()]))
+    return "\n".join(out)
+
+
+def principle_stats(run: Path) -> tuple[list[list], list[list]]:
+    """(SL rows, feedback rows): how often each principle was drawn and what came of it.
+
+    SL: rounds drawn, revisions flagged degenerate, rows it shaped. Feedback: comparisons it
+    judged and the mean confidence (p_chosen) of their labels.
+    """
+    drawn: Counter = Counter()
+    degenerate: Counter = Counter()
+    for row in _read_jsonl(run / "critique_revise" / "revisions.jsonl"):
+        for rd in row.get("rounds", []):
+            drawn[rd.get("principle_id")] += 1
+            if rd.get("degenerate"):
+                degenerate[rd.get("principle_id")] += 1
+    sl = [[pid, n, degenerate[pid], f"{degenerate[pid] / n:.0%}"] for pid, n in drawn.most_common()]
+    confidence: defaultdict = defaultdict(list)
+    for row in _read_jsonl(run / "label" / "comparisons.jsonl"):
+        for pid in row.get("principle_ids", []):
+            if isinstance(row.get("p_chosen"), int | float):
+                confidence[pid].append(row["p_chosen"])
+    fb = [[pid, len(v), f"{sum(v) / len(v):.3f}"] for pid, v in sorted(confidence.items(), key=lambda kv: -len(kv[1]))]
+    return sl, fb
+
+
+def _section_principles(run: Path) -> str:
+    sl, fb = principle_stats(run)
+    out = []
+    if sl:
+        out.append("<h3>Critique/revision principles (stage 1)</h3>")
+        out.append(_table(["principle", "rounds drawn", "revisions flagged degenerate", "share"], sl))
+    if fb:
+        out.append("<h3>Feedback principles (stage 3)</h3>")
+        out.append(_table(["principle", "comparisons judged", "mean p_chosen"], fb))
+    return "\n".join(out) or "<p>No stage 1 or stage 3 rows in this run.</p>"
+
+
+def _section_side_by_side(run: Path, effect: dict | None) -> str:
+    from constitutional.evaluation.detectors import classify_response
+
+    rows = [r for r in _read_jsonl(run / "evaluate" / "responses.jsonl") if r.get("decoding") == "greedy"]
+    if not rows:
+        return "<p>No evaluation responses yet (run <code>cai evaluate</code>).</p>"
+    order = [r["snapshot"] for r in (effect or {}).get("rows", []) if r.get("decoding") == "greedy"]
+    snapshots = list(dict.fromkeys(order or [r["snapshot"] for r in rows]))
+    main = [s for s in snapshots if s in ("base", "sl-cai", "rl-cai")] or snapshots[:3]
+    by_prompt: dict = defaultdict(dict)
+    kinds: dict = {}
+    for r in rows:
+        by_prompt[r["prompt_id"]][r["snapshot"]] = r
+        kinds[r["prompt_id"]] = (r["kind"], r["prompt"])
+    out = []
+    for kind in ("red-team", "helpful"):
+        ids = [pid for pid, (k, _) in kinds.items() if k == kind][:SIDE_BY_SIDE]
+        if not ids:
+            continue
+        table_rows = []
+        for pid in ids:
+            cells = [_text_block(kinds[pid][1])]
+            for snap in main:
+                r = by_prompt[pid].get(snap)
+                if r is None:
+                    cells.append("-")
+                    continue
+                verdict = classify_response(r["response"]).label
+                cells.append(f"<span class='tag {esc(verdict)}'>{esc(verdict)}</span>{_text_block(r['response'])}")
+            table_rows.append(cells)
+        out.append(f"<h3>{esc(kind)} prompts (held out)</h3>")
+        out.append(_table(["prompt", *main], table_rows, raw=True))
+    return "\n".join(out)
+
+
+def _section_revisions(run: Path) -> str:
+    rows = _read_jsonl(run / "critique_revise" / "revisions.jsonl", EXAMPLES)
+    if not rows:
+        return "<p>No critique/revision rows.</p>"
+    out = []
+    for row in rows:
+        parts = [f"<h4>{esc(row.get('id'))}</h4><p><b>Prompt</b></p>{_text_block(row.get('prompt'))}",
+                 f"<p><b>Initial response</b></p>{_text_block(row.get('initial_response'))}"]
+        for k, rd in enumerate(row.get("rounds", []), 1):
+            flag = ""
+            if rd.get("degenerate"):
+                flag = f" <span class='tag redirect'>degenerate: {esc(rd['degenerate'])}</span>"
+            parts.append(f"<p><b>Round {k}: {esc(rd.get('principle_id'))}</b>{flag}</p>"
+                         f"<p class=note>{esc(rd.get('critique_request'))}</p>{_text_block(rd.get('critique'))}"
+                         f"<p class=note>{esc(rd.get('revision_request'))}</p>{_text_block(rd.get('revision'))}")
+        out.append(f"<div class=card>{''.join(parts)}</div>")
+    return "\n".join(out)
+
+
+def _section_comparisons(run: Path) -> str:
+    rows = _read_jsonl(run / "label" / "comparisons.jsonl", EXAMPLES)
+    if not rows:
+        return "<p>No labelled comparisons.</p>"
+
+    def text(messages) -> str:
+        if isinstance(messages, list):
+            return "\n".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
+        return str(messages)
+
+    table_rows = [[_text_block(text(r.get("prompt"))), _text_block(text(r.get("chosen"))),
+                   _text_block(text(r.get("rejected"))), esc(f"{r.get('p_chosen', float('nan')):.3f}"),
+                   esc(", ".join(r.get("principle_ids", []))), esc(r.get("method"))] for r in rows]
+    return _table(["prompt", "chosen", "rejected", "p_chosen", "principles", "method"], table_rows, raw=True)
+
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; padding: 0 1rem; color: #222; }
+table { border-collapse: collapse; margin: 0.5rem 0 1rem; font-size: 0.9rem; }
+th, td { border: 1px solid #ccc; padding: 0.3rem 0.5rem; vertical-align: top; text-align: left; }
+th { background: #f3f3f3; }
+.text { white-space: pre-wrap; max-width: 40rem; }
+.ci { color: #666; font-size: 0.8rem; }
+.note { color: #555; font-size: 0.9rem; }
+.warn { background: #fff3cd; border: 1px solid #e0c060; padding: 0.5rem; }
+.tag { display: inline-block; font-size: 0.75rem; padding: 0 0.3rem; border-radius: 3px; margin-bottom: 0.2rem; }
+.tag.refusal { background: #d4edda; } .tag.redirect { background: #fde2c8; } .tag.answer { background: #e2e3f5; }
+.card { border: 1px solid #ddd; padding: 0.5rem 1rem; margin: 0.5rem 0; }
+figure { display: inline-block; margin: 0.5rem; } img { max-width: 560px; }
+pre { background: #f7f7f7; padding: 0.5rem; overflow-x: auto; }
+"""
+
+
+def build_report(run_dir: str | Path) -> str:
+    """The report's HTML for a run directory."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise CaiError(f"report: run directory {run} does not exist")
+    manifest = _read_json(run / "manifest.json")
+    effect = _read_json(run / "evaluate" / "effect.json")
+    elo = _read_json(run / "evaluate" / "elo.json")
+    if manifest is None and not any((run / d).is_dir() for d in ("critique_revise", "sft", "label", "pm", "rl",
+                                                                  "evaluate")):
+        raise CaiError(f"report: {run} holds no stage output (is it a run directory?)")
+    sections = [("Stages", _section_stages(run, manifest))]
+    if effect:
+        sections.append(("Effect table", _section_effect(effect)))
+    if elo:
+        sections.append(("Elo", _section_elo(elo)))
+    plots = "".join([
+        _image(run / "evaluate" / "elo.png", "Helpfulness vs. harmlessness Elo per snapshot"),
+        _image(run / "evaluate" / "rl_steps.png", "Elo and refusal rates against RL step"),
+        _image(run / "pm" / "calibration.png", "Preference model calibration (held-out pairs)"),
+        _image(run / "rl" / "reward.png", "RL reward and KL per step"),
+    ])
+    if plots:
+        sections.append(("Plots", plots))
+    sections += [
+        ("Principles", _section_principles(run)),
+        ("Side by side: answers to held-out prompts (greedy)", _section_side_by_side(run, effect)),
+        ("Critique and revision rounds (stage 1)", _section_revisions(run)),
+        ("Labelled comparisons (stage 3)", _section_comparisons(run)),
+    ]
+    if manifest:
+        sections.append(("Config and versions", f"<pre>{esc(json.dumps(manifest.get('config'), indent=2))}</pre>"
+                                                f"<pre>{esc(json.dumps(manifest.get('versions'), indent=2))}</pre>"))
+    body = "\n".join(f"<section><h2>{esc(title)}</h2>\n{content}\n</section>" for title, content in sections)
+    title = f"constitutional run report: {run.resolve().name}"
+    return (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><title>{esc(title)}</title>"
+            f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1>\n{body}\n</body></html>\n")
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``RUN_DIR/report.html`` (atomically) and return its path."""
+    import os
+
+    html_text = build_report(run_dir)
+    path = Path(run_dir) / "report.html"
+    tmp = path.with_suffix(".html.tmp")
+    tmp.write_text(html_text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
