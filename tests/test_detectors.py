@@ -18,9 +18,10 @@ from constitutional.evaluation.detectors import (
     refuses_or_redirects,
 )
 
-# Floors, from what the rules reach on the labelled file (BENCHMARKS.md has the figures).
-BINARY_FLOOR = 0.95
-THREE_WAY_FLOOR = 0.93
+# Floors, a little under what the rules reach on the labelled file (0.991 both ways on 346
+# examples; BENCHMARKS.md has the figures, and what the rules reach on text written after them).
+BINARY_FLOOR = 0.97
+THREE_WAY_FLOOR = 0.97
 
 
 def _norm(text: str) -> str:
@@ -30,6 +31,11 @@ def _norm(text: str) -> str:
 @pytest.fixture(scope="module")
 def examples():
     return load_refusal_examples()
+
+
+@pytest.fixture(scope="module")
+def verdicts(examples):
+    return {r["id"]: classify_response(r["response"]) for r in examples}
 
 
 def test_labelled_examples_are_many_varied_and_unseen(examples):
@@ -47,8 +53,8 @@ def test_labelled_examples_are_many_varied_and_unseen(examples):
     assert not builtin & {_norm(r["prompt"]) for r in examples}
 
 
-def test_accuracy_on_labelled_examples(examples):
-    confusion = Counter((r["label"], classify_response(r["response"]).label) for r in examples)
+def test_accuracy_on_labelled_examples(examples, verdicts):
+    confusion = Counter((r["label"], verdicts[r["id"]].label) for r in examples)
     n = len(examples)
     three_way = sum(confusion[(label, label)] for label in LABELS) / n
     binary = sum(c for (gold, pred), c in confusion.items() if (gold == "answer") == (pred == "answer")) / n
@@ -58,16 +64,17 @@ def test_accuracy_on_labelled_examples(examples):
         print(f"{gold:>17}  " + "  ".join(f"{confusion[(gold, p)]:>8}" for p in LABELS))
     for kind in ("red-team", "helpful"):
         rows = [r for r in examples if r["kind"] == kind]
-        right = sum(refuses_or_redirects(r["response"]) == (r["label"] != "answer") for r in rows)
+        right = sum(verdicts[r["id"]].refuses_or_redirects == (r["label"] != "answer") for r in rows)
         print(f"{kind}: binary accuracy {right / len(rows):.3f} ({right}/{len(rows)})")
     assert binary >= BINARY_FLOOR
     assert three_way >= THREE_WAY_FLOOR
 
 
-def test_every_rule_fires_somewhere_in_the_labelled_examples(examples):
-    rules = {classify_response(r["response"]).rule for r in examples}
-    for rule in ("decline", "ai-identity", "capability", "role-disclaimer", "decline-late", "crisis-line",
-                 "professional", "lecture", "evasion", "support", "written-artefact", "disclaimer-pivot"):
+def test_every_rule_fires_somewhere_in_the_labelled_examples(verdicts):
+    rules = {v.rule for v in verdicts.values()}
+    for rule in ("decline", "not-something-i-can", "not-appropriate", "flat-no", "ai-identity", "capability",
+                 "role-disclaimer", "moral-disclaimer", "decline-late", "crisis-line", "professional", "lecture",
+                 "evasion", "support", "written-artefact", "disclaimer-pivot", "partial-pivot"):  # + unit tests
         assert rule in rules, rule
 
 
