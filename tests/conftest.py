@@ -77,3 +77,30 @@ def _isolated_cache(tmp_path, monkeypatch, request):
     """Unit tests get an empty cache; integration tests share the real one (the model is big)."""
     if "integration" not in request.keywords:
         monkeypatch.setenv("CAI_CACHE_DIR", str(tmp_path / "cache"))
+
+
+_DEFAULT_THREADS: list[int] = []
+
+
+def pytest_configure(config):
+    """Unit tests run tiny models, whose matmuls are too small to share between threads: with
+    two threads on a busy machine each op waits for the other core (measured: a tiny-model
+    evaluation took 79 s with torch's default threads, 5 s with one). So the session runs on one
+    thread (fixtures of any scope included), and integration tests get torch's default back,
+    since the embedded model's matmuls do gain from every core."""
+    import torch
+
+    _DEFAULT_THREADS.append(torch.get_num_threads())
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _all_threads_for_integration_tests(request):
+    import torch
+
+    if "integration" not in request.keywords:
+        yield
+        return
+    torch.set_num_threads(_DEFAULT_THREADS[0])
+    yield
+    torch.set_num_threads(1)

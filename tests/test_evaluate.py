@@ -32,7 +32,89 @@ def make_run(root: Path) -> Path:
 def eval_config(base: Path, *overrides):
     return load_config(None, [f"critique_revise.model={base}", "evaluate.limit=4", "evaluate.max_new_tokens=6",
                               "evaluate.bootstrap_samples=50", "evaluate.batch_size=8", "evaluate.device=cpu",
-                              "label.contrast_temperature=0.5", "label.batch_size=8", *overrides])
+                              "evaluate.judge_pairs=12", "label.contrast_temperature=0.5", "label.batch_size=8",
+                              *overrides])
+
+
+def fewer_labelled_examples(monkeypatch) -> None:
+    """The second opinion's threshold is fitted on the detector's labelled examples; 40 keep tests fast."""
+    from constitutional.evaluation import detectors
+
+    examples = detectors.load_refusal_examples()[:40]
+    monkeypatch.setattr(detectors, "load_refusal_examples", lambda: examples)
+
+
+@pytest.fixture(autouse=True)
+def _fewer_labelled_examples(monkeypatch):
+    fewer_labelled_examples(monkeypatch)
+
+
+REFUSE = "I'm sorry, but I can't help with that. I won't give instructions for this."
+COMPLY = "Sure! Here is how you do it: first gather what you need, then follow the steps in order."
+
+
+class KeywordJudge:
+    """A feedback model that knows one thing: whether a response declines (by the rule-based detector).
+
+    Per token log P is -0.5 where the response fits the system prompt it is scored under
+    (declining under a harmless "follows" or the second opinion's "declines" prompt, answering
+    under a helpful "follows" prompt, and the reverse under "violates"), -1.0 where it does not.
+    """
+
+    name = "keyword-judge"
+    context_length = 100_000
+
+    def __init__(self):
+        from constitutional.constitution import load_constitution
+
+        fb = load_constitution("default").feedback_principles
+        self.declining = {p.follows for p in fb if p.kind == "harmless"}
+        self.declining |= {p.violates for p in fb if p.kind == "helpful"}
+        self.declining.add(evaluate.REFUSAL_CONTRAST.follows)
+
+    def render(self, chat, add_generation_prompt=True):
+        text = "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in chat)
+        return text + ("<assistant>" if add_generation_prompt and chat[-1]["role"] != "assistant" else "")
+
+    def logprobs(self, pairs):
+        from constitutional.backends.base import TokenLogprobs
+        from constitutional.evaluation.detectors import refuses_or_redirects
+
+        out = []
+        for prompt, cont in pairs:
+            system = prompt.split("<system>", 1)[1].split("</system>", 1)[0] if "<system>" in prompt else ""
+            declines = refuses_or_redirects(cont)
+            fits = declines == (system in self.declining)
+            words = cont.split()
+            out.append(TokenLogprobs(words, [-0.5 if fits else -1.0] * len(words)))
+        return out
+
+
+class ScriptedSnapshots:
+    """backend_factory: each snapshot answers by a fixed policy; the judge is a KeywordJudge."""
+
+    def __init__(self, policies: dict[str, str], judge_spec: str):
+        self.policies, self.judge_spec, self.loaded = policies, judge_spec, []
+
+    def __call__(self, spec):
+        from tests.fakes import ScriptedBackend
+
+        self.loaded.append(str(spec))
+        if str(spec) == self.judge_spec:
+            return KeywordJudge()
+        policy = self.policies[str(spec)]
+
+        def respond(chat):
+            harmful = chat[-1]["content"] in HARMFUL
+            if policy == "refuse-all" or (policy == "refuse-harmful" and harmful):
+                return REFUSE
+            return COMPLY
+
+        return ScriptedBackend(respond)
+
+
+HARMFUL = {p.prompt for p in __import__("constitutional.datasets", fromlist=["load_prompts"]).load_prompts(
+    "red-team", "heldout")}
 
 
 class CountingFactory:
@@ -50,7 +132,9 @@ class CountingFactory:
 def evaluated(tmp_path_factory, tiny_model_dir):
     run_dir = make_run(tmp_path_factory.mktemp("run"))
     factory = CountingFactory()
-    summary = evaluate.run(eval_config(tiny_model_dir), run_dir, backend_factory=factory)
+    with pytest.MonkeyPatch.context() as mp:
+        fewer_labelled_examples(mp)
+        summary = evaluate.run(eval_config(tiny_model_dir), run_dir, backend_factory=factory)
     return run_dir, summary, factory
 
 
@@ -77,7 +161,7 @@ def test_effect_table_elo_and_plots_are_written(evaluated):
             assert cell["n"] == 4
             rate, low, high = cell["refusal"]
             assert 0 <= low <= rate <= high <= 1
-            assert cell["contrast"] is not None and cell["second"] is not None and cell["degenerate"] is not None
+            assert cell["second"] is not None and cell["degenerate"] is not None and "contrast" in cell
             assert ("refusal_vs_base" in cell) == (row["snapshot"] != "base")
     responses = read_jsonl(stage / "responses.jsonl")
     assert len(responses) == 4 * 2 * (4 + 4) and len({r["id"] for r in responses}) == len(responses)
@@ -97,9 +181,36 @@ def test_effect_table_elo_and_plots_are_written(evaluated):
         assert (stage / name).stat().st_size > 1000
     assert summary["plots"] and all(Path(p).is_file() for p in summary["plots"])
     second = json.loads((stage / "second_opinion.json").read_text())
-    assert second["examples"] >= 60 and 0 <= second["accuracy_cross_fitted"] <= 1
+    assert second["examples"] == 40 and 0 <= second["accuracy_cross_fitted"] <= 1
     # one model per snapshot, plus the judge
     assert len(factory.loaded) == 5
+
+
+def test_scripted_snapshots_move_the_effect_table_and_elo_the_right_way(tmp_path, tiny_model_dir):
+    """base complies with everything, sl-cai refuses harmful requests only, rl-cai refuses everything."""
+    run_dir = make_run(tmp_path)
+    judge_dir = build_tiny_llama(tmp_path / "judge", seed=7)
+    factory = ScriptedSnapshots({str(tiny_model_dir): "comply", str(run_dir / "sft" / "model"): "refuse-harmful",
+                                 str(run_dir / "rl" / "model"): "refuse-all"}, str(judge_dir))
+    config = eval_config(tiny_model_dir, "evaluate.snapshots=[base, sl-cai, rl-cai]", "evaluate.limit=12",
+                         f"label.feedback_model={judge_dir}", "evaluate.bootstrap_samples=200")
+    evaluate.run(config, run_dir, backend_factory=factory)
+    rows = json.loads((run_dir / "evaluate" / "effect.json").read_text())["rows"]
+    effect = {(r["snapshot"], r["decoding"]): r for r in rows}
+    rates = {name: (effect[(name, "greedy")]["red_team"]["refusal"][0],
+                    effect[(name, "greedy")]["helpful"]["refusal"][0]) for name in ("base", "sl-cai", "rl-cai")}
+    assert rates == {"base": (0.0, 0.0), "sl-cai": (1.0, 0.0), "rl-cai": (1.0, 1.0)}
+    assert effect[("sl-cai", "greedy")]["red_team"]["refusal_vs_base"] == [1.0, 1.0, 1.0]
+    assert effect[("rl-cai", "greedy")]["helpful"]["second"][0] == 1.0  # the second opinion agrees
+    assert effect[("base", "greedy")]["red_team"]["second"][0] == 0.0
+    red = effect[("sl-cai", "greedy")]["red_team"]
+    assert red["contrast"][0] > effect[("base", "greedy")]["red_team"]["contrast"][0]
+    elo = json.loads((run_dir / "evaluate" / "elo.json").read_text())["axes"]
+    harm = {n: v["elo"] for n, v in elo["harmlessness"]["snapshots"].items()}
+    helpful = {n: v["elo"] for n, v in elo["helpfulness"]["snapshots"].items()}
+    assert harm["sl-cai"] > 50 and harm["rl-cai"] > 50 and abs(harm["sl-cai"] - harm["rl-cai"]) < 1
+    assert abs(helpful["sl-cai"]) < 1 and helpful["rl-cai"] < -50
+    assert elo["harmlessness"]["snapshots"]["sl-cai"]["low"] > 0  # the interval excludes no change
 
 
 def test_a_rerun_reuses_everything_and_loads_no_model(evaluated, tiny_model_dir):

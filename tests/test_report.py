@@ -21,6 +21,7 @@ def hand_made_run(root: Path) -> Path:
     """A run directory with every file the report reads, written by hand, with planted markup."""
     from constitutional.evaluation.plots import plot_against_step, plot_elo_frontier
 
+    root.mkdir(parents=True, exist_ok=True)
     (root / "manifest.json").write_text(json.dumps({
         "config": {"seed": 0, "critique_revise": {"model": "tiny"}},
         "versions": {"python": "3.11"},

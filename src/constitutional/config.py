@@ -369,6 +369,7 @@ class EvaluateConfig:
     pm: preference model that scores every response (None: the run's pm/model if it exists).
     use_pm: score responses with the preference model when there is one.
     bootstrap_samples: resamples behind every 95% interval.
+    judge_pairs: measure the judge's validity on at most this many shipped pairs of each set (None: all).
     batch_size: chats per forward pass.
     device: ``auto`` (cuda if available), ``cpu`` or ``cuda``.
     """
@@ -387,6 +388,7 @@ class EvaluateConfig:
     pm: str | None = None
     use_pm: bool = True
     bootstrap_samples: int = 1000
+    judge_pairs: int | None = None
     batch_size: int = 32
     device: str = "auto"
 
@@ -403,6 +405,7 @@ class EvaluateConfig:
         _require(self.max_new_tokens >= 1, "evaluate.max_new_tokens", "must be at least 1")
         _require(self.sample_temperature > 0, "evaluate.sample_temperature", "must be more than 0")
         _require(self.bootstrap_samples >= 1, "evaluate.bootstrap_samples", "must be at least 1")
+        _require(self.judge_pairs is None or self.judge_pairs >= 2, "evaluate.judge_pairs", "must be at least 2")
         _require(self.batch_size >= 1, "evaluate.batch_size", "must be at least 1")
 
 

@@ -630,7 +630,8 @@ def judge_validity(config: PipelineConfig, stage_dir: Path, judge, judge_spec: s
     cfg = config.label
     path = stage_dir / "judge_validity.json"
     key = {"judge": judge_spec, "method": cfg.method, "reduce": cfg.contrast_reduce, "fewshot": cfg.fewshot,
-           "both_orders": cfg.both_orders, "constitution": config.constitution, "seed": config.seed}
+           "both_orders": cfg.both_orders, "constitution": config.constitution, "seed": config.seed,
+           "pairs": config.evaluate.judge_pairs}
     if path.is_file():
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
@@ -638,7 +639,7 @@ def judge_validity(config: PipelineConfig, stage_dir: Path, judge, judge_spec: s
     fewshot = feedback.load_label_fewshot(cfg.fewshot_file)[:cfg.fewshot] if cfg.method == "multiple_choice" else []
     result: dict = {"key": key, "method": cfg.method, "model": judge_spec, "sets": {}, "warnings": []}
     for name in EVAL_SETS:
-        pairs = load_eval_pairs(name)
+        pairs = load_eval_pairs(name, config.evaluate.judge_pairs)
         pool = [p for p in load_constitution(config.constitution).feedback_principles if p.kind == name]
         items = [(r["prompt"], sample_principles(pool, 1, config.seed, r["id"])[0], r["a"], r["b"]) for r in pairs]
         judged = feedback.judge(judge, cfg.method, items, **judge_settings(cfg, fewshot, 1.0))
