@@ -120,3 +120,14 @@ def test_contrast_base_prefixes_each_principles_system_prompts(tmp_path):
     path.write_text("contrast_base:\n  funny: {follows: x, violates: y}\nfeedback_principles: []\n")
     with pytest.raises(CaiError, match="contrast_base.funny: unknown kind"):
         load_constitution(path)
+
+
+def test_sl_principles_name_the_feedback_principle_that_scores_them(tmp_path):
+    default = load_constitution("default")
+    ids = {p.id for p in default.feedback_principles}
+    assert all(p.feedback in ids for p in default.sl_principles)
+    path = tmp_path / "c.yaml"
+    path.write_text("sl_principles:\n  - {id: a, critique_request: c, revision_request: r, feedback: missing}\n"
+                    "feedback_principles:\n  - {id: b, text: t}\n")
+    with pytest.raises(CaiError, match=r"sl_principles\[0\]\.feedback: no feedback principle with id 'missing'"):
+        load_constitution(path)

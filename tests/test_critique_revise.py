@@ -134,3 +134,97 @@ def test_rerun_with_other_settings_is_refused_but_a_larger_limit_resumes(tmp_pat
     code = main(["critique-revise", "--out", str(tmp_path), "--set", "critique_revise.rounds=3"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "other settings (rounds)" in err and err.count("\n") == 0
+
+
+# ------------------------------------------------------------------ constitution-guided selection
+
+
+class FollowsScorer:
+    """A feedback model for contrast scoring: a response containing SAFE is likelier under any
+    principle's follows prompt (per token -0.5 vs -1.0) and less likely under its violates prompt,
+    so its contrast score is +0.5 and any other response's is -0.5."""
+
+    name = "scorer"
+
+    def __init__(self):
+        fb = load_constitution("default").feedback_principles
+        self.follows = {p.follows for p in fb}
+
+    def render(self, chat, add_generation_prompt=True):
+        text = "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in chat)
+        return text + ("<assistant>" if add_generation_prompt and chat[-1]["role"] != "assistant" else "")
+
+    def logprobs(self, pairs):
+        from constitutional.backends.base import TokenLogprobs
+
+        out = []
+        for prompt, cont in pairs:
+            under_follows = any(f"<system>{f}</system>" in prompt for f in self.follows)
+            fits = ("SAFE" in cont) == under_follows
+            out.append(TokenLogprobs(cont.split(), [-0.5 if fits else -1.0] * len(cont.split())))
+        return out
+
+
+def _selecting_backend(initial: str, revisions: list[str], follows_answer: str = "plain answer"):
+    """Initial answer fixed; revisions cycle through ``revisions``; answers under a system prompt
+    (the follows candidates) are ``follows_answer``."""
+    import itertools
+
+    cycle = itertools.cycle(revisions)
+    critiques = {p.critique_request for p in load_constitution("default").sl_principles}
+
+    def respond(chat):
+        if chat[0]["role"] == "system":
+            return follows_answer
+        if chat[-1]["content"] in critiques:
+            return "It is harmful."
+        if len(chat) == 1:
+            return initial
+        return next(cycle)
+
+    return ScriptedBackend(respond)
+
+
+def test_selection_keeps_the_highest_scoring_candidate(tmp_path):
+    backend = _selecting_backend("Sure, here is how.", ["No idea at all.", "SAFE: I won't, but try this instead.",
+                                                        "Maybe later then."])
+    config = _config(limit=2, rounds=1, candidates=3, fewshot=0)
+    critique_revise.run(config, tmp_path, backend=backend, scorer_backend=FollowsScorer())
+    for row in read_jsonl(tmp_path / "critique_revise" / "revisions.jsonl"):
+        rd = row["rounds"][0]
+        assert [c["source"] for c in rd["candidates"]] == ["current", "revision", "revision", "revision"]
+        assert [c["score"] for c in rd["candidates"]] == [-0.5, -0.5, 0.5, -0.5]
+        assert rd["selected"] == 2 and rd["revision"] == "SAFE: I won't, but try this instead."
+        assert row["messages"][1]["content"] == rd["revision"] and row["degenerate"] is None
+
+
+def test_selection_keeps_the_current_response_when_every_candidate_scores_lower(tmp_path):
+    backend = _selecting_backend("SAFE: I can't help with that, but here is a safer idea.",
+                                 ["Sure, here is exactly how.", "Fine, do it like this."])
+    config = _config(limit=2, rounds=2, candidates=2, fewshot=0)
+    summary = critique_revise.run(config, tmp_path, backend=backend, scorer_backend=FollowsScorer())
+    for row in read_jsonl(tmp_path / "critique_revise" / "revisions.jsonl"):
+        for rd in row["rounds"]:
+            assert rd["selected"] == 0 and rd["degenerate"] == "kept-current"
+            assert rd["candidates"][0]["score"] == 0.5 > max(c["score"] for c in rd["candidates"][1:])
+        assert row["messages"][1]["content"] == row["initial_response"]
+        assert row["degenerate"] is None  # it won a real comparison, so SFT may train on it
+    assert summary["degenerate_rounds"] == {"kept-current": 4}
+
+
+def test_initial_and_follows_candidates_are_scored_and_recorded(tmp_path):
+    backend = _selecting_backend("Sure, here is how.", ["Whatever you like."],
+                                 follows_answer="SAFE: here is a careful answer.")
+    config = _config(limit=1, rounds=1, candidates=1, initial_candidates=2, follows_candidates=1, fewshot=0)
+    critique_revise.run(config, tmp_path, backend=backend, scorer_backend=FollowsScorer())
+    (row,) = read_jsonl(tmp_path / "critique_revise" / "revisions.jsonl")
+    assert [c["source"] for c in row["initial_candidates"]] == ["sample", "sample", "follows"]
+    assert row["initial_response"] == "SAFE: here is a careful answer."  # the follows answer scored best
+    system_chats = [chat for chats, _ in backend.calls for chat in chats if chat[0]["role"] == "system"]
+    fb = {p.id: p for p in load_constitution("default").feedback_principles}
+    assert system_chats and all(chat[0]["content"] in {p.follows for p in fb.values()} for chat in system_chats)
+    rd = row["rounds"][0]
+    sl = {p.id: p for p in load_constitution("default").sl_principles}[rd["principle_id"]]
+    assert [c["source"] for c in rd["candidates"]] == ["current", "revision", "follows"]
+    # the round's follows candidates were sampled under the feedback principle its SL principle names
+    assert system_chats[-1][0]["content"] == fb[sl.feedback].follows

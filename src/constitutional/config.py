@@ -44,6 +44,13 @@ class CritiqueReviseConfig:
     top_p: nucleus sampling mass.
     batch_size: chats per forward pass.
     device: ``auto`` (cuda if available), ``cpu`` or ``cuda``.
+    candidates: revisions sampled per round; with more than one (or with ``follows_candidates``) the
+        feedback model scores every candidate and the current response under the round's principle
+        (contrast method, ``label.*`` settings) and the best one is kept (constitution-guided selection).
+    initial_candidates: initial responses sampled per prompt, the best kept the same way.
+    follows_candidates: more candidates per round (and for the initial response) sampled from the model
+        answering the prompt under the scoring principle's ``follows`` system prompt (context distillation).
+    feedback_model: the model that scores candidates (None: the same as ``model``).
     """
 
     model: str = DEFAULT_MODEL
@@ -60,9 +67,16 @@ class CritiqueReviseConfig:
     top_p: float = 0.95
     batch_size: int = 16
     device: str = "auto"
+    candidates: int = 1
+    initial_candidates: int = 1
+    follows_candidates: int = 0
+    feedback_model: str | None = None
 
     def check(self) -> None:
         _require(self.rounds >= 1, "critique_revise.rounds", "must be at least 1")
+        _require(self.candidates >= 1 and self.initial_candidates >= 1, "critique_revise.candidates",
+                 "candidates and initial_candidates must be at least 1")
+        _require(self.follows_candidates >= 0, "critique_revise.follows_candidates", "must be 0 or more")
         _require(self.fewshot >= 0, "critique_revise.fewshot", "must be 0 or more")
         _require(self.limit is None or self.limit >= 1, "critique_revise.limit", "must be at least 1")
         _require(self.split in ("train", "heldout", "all"), "critique_revise.split",

@@ -48,11 +48,16 @@ FEEDBACK_KINDS = ("harmless", "helpful")
 
 @dataclass(frozen=True)
 class Principle:
-    """One SL principle: a critique request and the matching revision request."""
+    """One SL principle: a critique request and the matching revision request.
+
+    ``feedback`` optionally names the feedback principle that judges the same value, so that
+    constitution-guided selection in stage 1 can score candidate revisions under it.
+    """
 
     id: str
     critique_request: str
     revision_request: str
+    feedback: str | None = None
 
 
 @dataclass(frozen=True)
@@ -178,12 +183,13 @@ def _from_yaml(data, path: Path) -> Constitution:
     sl: list[Principle] = []
     for i, item in enumerate(data.get("sl_principles") or []):
         where = f"sl_principles[{i}]"
-        _check_keys(item, {"id", "critique_request", "revision_request"},
+        _check_keys(item, {"id", "critique_request", "revision_request", "feedback"},
                     {"id", "critique_request", "revision_request"}, path, where)
         p = Principle(
             id=_text(item["id"], path, f"{where}.id"),
             critique_request=_text(item["critique_request"], path, f"{where}.critique_request"),
             revision_request=_text(item["revision_request"], path, f"{where}.revision_request"),
+            feedback=_text(item["feedback"], path, f"{where}.feedback") if "feedback" in item else None,
         )
         if any(q.id == p.id for q in sl):
             raise CaiError(f"{path}: {where}.id: duplicate id {p.id!r}")
@@ -213,6 +219,10 @@ def _from_yaml(data, path: Path) -> Constitution:
     for key in ("sl_principles", "feedback_principles"):
         if key in data and not isinstance(data[key], list):
             raise CaiError(f"{path}: {key}: expected a list, got {type(data[key]).__name__}")
+    fb_ids = {q.id for q in fb}
+    for i, p in enumerate(sl):
+        if p.feedback is not None and p.feedback not in fb_ids:
+            raise CaiError(f"{path}: sl_principles[{i}].feedback: no feedback principle with id {p.feedback!r}")
     name = str(data.get("name") or path.stem)
     return Constitution(name, tuple(sl), tuple(fb), (str(path),))
 

@@ -27,6 +27,9 @@ class Round:
     revision_request: str
     revision: str
     degenerate: str | None = None  # why the revision was not usable, or None
+    # constitution-guided selection: every candidate ({text, source, score, degenerate}) and the kept one
+    candidates: list[dict] | None = None
+    selected: int | None = None
 
 
 @dataclass
@@ -47,6 +50,7 @@ class RevisionRow:
     principle_ids: list[str] = field(default_factory=list)
     category: str | None = None
     degenerate: str | None = None
+    initial_candidates: list[dict] | None = None  # with initial selection: every candidate and its score
 
     def to_dict(self) -> dict:
         return asdict(self)

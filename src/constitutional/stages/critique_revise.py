@@ -17,6 +17,17 @@ keeps the context short for small models. The few-shot examples (``fewshot`` of 
 once per run from the seed) are the same for every prompt, as in the paper; the backend then
 computes their shared prefix once per call instead of once per chat.
 
+Constitution-guided selection (beyond the paper, for small models whose single revision is
+often noise): with ``candidates: k`` each round samples k revisions, and with
+``follows_candidates: m`` m more answers from the model under the round's scoring principle's
+``follows`` system prompt (context distillation); the feedback model scores every candidate and
+the current response under that principle (the contrast method: log P(response | follows) -
+log P(response | violates), per token) and the best one becomes the current response. The
+current response wins ties, and a round where it stays best records ``kept-current``.
+``initial_candidates: k`` does the same for the first response. The round's scoring principle is
+the feedback principle its SL principle names (``feedback:`` in the constitution), else a
+harmless one drawn at random. Every candidate, its source and its score is kept in the row.
+
 Run:
     cai critique-revise --config configs/smollm2-cpu.yaml --out runs/demo
     cai critique-revise --out runs/x --set critique_revise.limit=8 --set critique_revise.rounds=1
@@ -38,8 +49,10 @@ from tqdm.auto import tqdm
 
 from constitutional.backends.base import Backend, SamplingParams
 from constitutional.config import PipelineConfig
-from constitutional.constitution import Principle, load_constitution, sample_principles
+from constitutional.constitution import FeedbackPrinciple, Principle, load_constitution, sample_principles
 from constitutional.datasets import PromptRow, load_prompts
+from constitutional.errors import CaiError
+from constitutional.models import check_model_spec
 from constitutional.prompts import (
     FewShotExample,
     clean_generation,
@@ -65,17 +78,54 @@ OUTPUT = "revisions.jsonl"
 
 @dataclass
 class _Plan:
-    """What one prompt will go through: its principles (one per round) and few-shot examples."""
+    """What one prompt will go through: its principles (one per round) and few-shot examples, and
+    with selection, the feedback principle that scores each round's candidates and the initial ones."""
 
     row: PromptRow
     principles: list[Principle]
     fewshot: list[FewShotExample]
+    scorers: list[FeedbackPrinciple] | None = None
+    initial_scorer: FeedbackPrinciple | None = None
 
 
-def run(config: PipelineConfig, out_dir: str | Path, backend: Backend | None = None) -> dict:
+def selecting(cfg) -> bool:
+    """Whether a stage-1 config asks for constitution-guided selection."""
+    return cfg.candidates > 1 or cfg.initial_candidates > 1 or cfg.follows_candidates > 0
+
+
+def scoring_principles(constitution, principles: list[Principle], seed: int, key: str
+                       ) -> tuple[list[FeedbackPrinciple], FeedbackPrinciple]:
+    """The feedback principle that scores each round's candidates (the one the SL principle names,
+    else a harmless one drawn for the round), and the one that scores initial candidates."""
+    by_id = {p.id: p for p in constitution.feedback_principles}
+    harmless = [p for p in constitution.feedback_principles if p.kind == "harmless"]
+    drawn = sample_principles(harmless, len(principles) + 1, seed, f"select:{key}")
+    rounds = [by_id[p.feedback] if p.feedback else drawn[r] for r, p in enumerate(principles)]
+    return rounds, drawn[-1]
+
+
+def pick_best(scores: list[float | None]) -> int:
+    """Index of the highest score (None: not eligible); the earliest wins ties, so the current
+    response (listed first) is kept unless a candidate beats it.
+
+    >>> pick_best([0.1, 0.3, None, 0.3])
+    1
+    >>> pick_best([0.5, 0.2])
+    0
+    """
+    best = 0
+    for i, score in enumerate(scores):
+        if score is not None and (scores[best] is None or score > scores[best]):
+            best = i
+    return best
+
+
+def run(config: PipelineConfig, out_dir: str | Path, backend: Backend | None = None,
+        scorer_backend=None) -> dict:
     """Run stage 1 into ``out_dir/critique_revise``; return the summary (also saved as JSON).
 
-    ``backend`` defaults to the in-process transformers backend on ``critique_revise.model``.
+    ``backend`` defaults to the in-process transformers backend on ``critique_revise.model``;
+    ``scorer_backend`` (selection only) to ``critique_revise.feedback_model``, else ``backend``.
     """
     cfg = config.critique_revise
     stage_dir = Path(out_dir) / STAGE_DIR
@@ -83,6 +133,16 @@ def run(config: PipelineConfig, out_dir: str | Path, backend: Backend | None = N
     # Check every input before loading a model.
     constitution = load_constitution(config.constitution)
     constitution.require_sl()
+    select = selecting(cfg)
+    if select:
+        from constitutional import feedback
+
+        if not any(p.kind == "harmless" for p in constitution.feedback_principles):
+            raise CaiError(f"constitution {constitution.name!r}: selection (critique_revise.candidates) scores "
+                           f"with feedback principles of kind 'harmless', and it has none")
+        feedback.check_contrast_principles(constitution.feedback_principles)
+        if cfg.feedback_model:
+            check_model_spec(cfg.feedback_model, "critique_revise.feedback_model")
     pool = load_fewshot(cfg.fewshot_file)
     prompts = load_prompts(cfg.prompts, cfg.split, cfg.limit)
     check_resume_settings(stage_dir, {**asdict(cfg), "seed": config.seed, "constitution": config.constitution},
@@ -97,10 +157,13 @@ def run(config: PipelineConfig, out_dir: str | Path, backend: Backend | None = N
     # One few-shot context for the whole run, as in the paper: every critique and revision chat
     # then starts with the same tokens, which the backend computes once per call.
     fewshot = pick_fewshot(pool, cfg.fewshot, config.seed, "run")
-    plans = [
-        _Plan(p, sample_principles(constitution.sl_principles, cfg.rounds, config.seed, p.id), fewshot)
-        for p in todo
-    ]
+    plans = []
+    for p in todo:
+        principles = sample_principles(constitution.sl_principles, cfg.rounds, config.seed, p.id)
+        plan = _Plan(p, principles, fewshot)
+        if select:
+            plan.scorers, plan.initial_scorer = scoring_principles(constitution, principles, config.seed, p.id)
+        plans.append(plan)
     tokens = 0
     skipped: list[str] = []
     start = time.time()
@@ -109,6 +172,16 @@ def run(config: PipelineConfig, out_dir: str | Path, backend: Backend | None = N
             from constitutional.backends import load_backend
 
             backend = load_backend(cfg.model, batch_size=cfg.batch_size, device=cfg.device)
+        scorer = None
+        if select:
+            from constitutional.backends import load_backend, same_model
+
+            if scorer_backend is not None:
+                scorer = scorer_backend
+            elif cfg.feedback_model and not same_model(cfg.feedback_model, cfg.model):
+                scorer = load_backend(cfg.feedback_model, batch_size=cfg.batch_size, device=cfg.device)
+            else:
+                scorer = backend
         start = time.time()  # tokens/s counts generation, not model loading
         fits = []
         for plan in plans:
@@ -118,8 +191,12 @@ def run(config: PipelineConfig, out_dir: str | Path, backend: Backend | None = N
             _log(f"skipping {len(skipped)} prompts longer than the model's context "
                  f"({backend.context_length} tokens): {', '.join(skipped[:5])}"
                  + (" ..." if len(skipped) > 5 else ""))
-        # One tick per generated text: the initial response, then a critique and a revision a round.
-        bar = tqdm(total=len(fits) * (1 + 2 * cfg.rounds), desc="critique-revise", unit="gen",
+        # One tick per generated text: the initial response(s), then a critique and the revision(s) a round.
+        per_prompt = 1 + 2 * cfg.rounds
+        if select:
+            per_prompt = (cfg.initial_candidates + cfg.rounds * (1 + cfg.candidates)
+                          + (cfg.rounds + 1) * cfg.follows_candidates)
+        bar = tqdm(total=len(fits) * per_prompt, desc="critique-revise", unit="gen",
                    file=sys.stderr, dynamic_ncols=True)
 
         def on_batch(chats: int, batch_tokens: int) -> None:
@@ -131,7 +208,8 @@ def run(config: PipelineConfig, out_dir: str | Path, backend: Backend | None = N
         with writer:
             for i in range(0, len(fits), cfg.batch_size):
                 chunk = fits[i:i + cfg.batch_size]
-                for row in _revise_chunk(chunk, cfg, config.seed, backend, on_batch):
+                for row in _revise_chunk(chunk, cfg, config.seed, backend, on_batch, scorer,
+                                         config.label.contrast_reduce):
                     writer.append(row.to_dict())
         bar.close()
 
@@ -159,17 +237,66 @@ def _call_seed(seed: int, key: str, step: str) -> int:
     return zlib.crc32(f"{seed}:{key}:{step}".encode()) & 0x7FFFFFFF
 
 
-def _revise_chunk(chunk: list[_Plan], cfg, seed: int, backend: Backend, on_batch) -> list[RevisionRow]:
+def _score(scorer, reduce: str, items: list[tuple[str, FeedbackPrinciple, str]]) -> list[float]:
+    from constitutional import feedback
+
+    return feedback.contrast_scores(scorer, items, reduce) if items else []
+
+
+def _select(scorer, reduce: str, sets: list[tuple[str, FeedbackPrinciple, list[dict]]]) -> list[int]:
+    """Score every eligible candidate of every set in one batched call; the index of each set's best.
+
+    A candidate is a dict with ``text`` and ``source`` (and ``degenerate``: a reason, or None);
+    degenerate and empty ones are not eligible. ``score`` is filled in place.
+    """
+    flat = [(k, i) for k, (_, _, cands) in enumerate(sets) for i, c in enumerate(cands)
+            if not c.get("degenerate") and c["text"].strip()]
+    scores = _score(scorer, reduce, [(sets[k][0], sets[k][1], sets[k][2][i]["text"]) for k, i in flat])
+    for (k, i), value in zip(flat, scores, strict=True):
+        sets[k][2][i]["score"] = round(value, 6)
+    return [pick_best([c.get("score") for c in cands]) for _, _, cands in sets]
+
+
+def _revise_chunk(chunk: list[_Plan], cfg, seed: int, backend: Backend, on_batch, scorer=None,
+                  reduce: str = "mean") -> list[RevisionRow]:
     key = chunk[0].row.id
+    select = scorer is not None
 
     def params(budget: int, step: str) -> SamplingParams:
         return SamplingParams(max_new_tokens=budget, temperature=cfg.temperature, top_p=cfg.top_p,
                               seed=_call_seed(seed, key, step))
 
+    def follows_answers(principles: list[FeedbackPrinciple], step: str) -> list[list[str]]:
+        """``follows_candidates`` answers per prompt, sampled under the scoring principle's follows prompt."""
+        m = cfg.follows_candidates if select else 0
+        if not m:
+            return [[] for _ in chunk]
+        chats = [[{"role": "system", "content": principles[j].follows}, {"role": "user", "content": p.row.prompt}]
+                 for j, p in enumerate(chunk) for _ in range(m)]
+        out = [clean_generation(c.text) for c in backend.generate(chats, params(cfg.max_new_tokens, step), on_batch)]
+        return [out[j * m:(j + 1) * m] for j in range(len(chunk))]
+
     sys_prompt = cfg.system_prompt
-    initial = backend.generate([response_chat(p.row.prompt, sys_prompt) for p in chunk],
+    examples = [[text for ex in p.fewshot for text in (ex.revision, ex.critique, ex.response)] for p in chunk]
+    k0 = cfg.initial_candidates if select else 1
+    initial = backend.generate([response_chat(p.row.prompt, sys_prompt) for p in chunk for _ in range(k0)],
                                params(cfg.max_new_tokens, "initial"), on_batch)
     initial_text = [clean_generation(c.text) for c in initial]
+    initial_sets: list[list[dict] | None] = [None] * len(chunk)
+    if select and (k0 > 1 or cfg.follows_candidates):
+        extra = follows_answers([p.initial_scorer for p in chunk], "initial-follows")
+        sets = []
+        for j, p in enumerate(chunk):
+            cands = [{"text": t, "source": "sample", "score": None} for t in initial_text[j * k0:(j + 1) * k0]]
+            cands += [{"text": t, "source": "follows", "score": None} for t in extra[j]]
+            for c in cands:
+                c["degenerate"] = degenerate_reason(c["text"], "", examples[j])
+            sets.append((p.row.prompt, p.initial_scorer, cands))
+        best = _select(scorer, reduce, sets)
+        initial_sets = [cands for _, _, cands in sets]
+        initial_text = [cands[b]["text"] for (_, _, cands), b in zip(sets, best, strict=True)]
+    else:
+        initial_text = initial_text[::k0]
     current = list(initial_text)
     rounds: list[list[Round]] = [[] for _ in chunk]
     for r in range(cfg.rounds):
@@ -179,25 +306,61 @@ def _revise_chunk(chunk: list[_Plan], cfg, seed: int, backend: Backend, on_batch
         ]
         critiques = [clean_generation(c.text) for c in backend.generate(
             critique_chats, params(cfg.critique_max_new_tokens, f"critique-{r}"), on_batch)]
+        k = cfg.candidates if select else 1
         revision_chats = [
             revision_chat(p.row.prompt, current[j], p.principles[r], critiques[j], p.fewshot, sys_prompt)
-            for j, p in enumerate(chunk)
+            for j, p in enumerate(chunk) for _ in range(k)
         ]
         revisions = [clean_generation(c.text) for c in backend.generate(
             revision_chats, params(cfg.max_new_tokens, f"revision-{r}"), on_batch)]
+        if not select:
+            for j, p in enumerate(chunk):
+                reason = degenerate_reason(revisions[j], critiques[j], examples[j], previous=current[j])
+                principle = p.principles[r]
+                rounds[j].append(Round(principle.id, principle.critique_request, critiques[j],
+                                       principle.revision_request, revisions[j], reason))
+                if reason is None:
+                    current[j] = revisions[j]
+            continue
+        extra = follows_answers([p.scorers[r] for p in chunk], f"follows-{r}")
+        sets = []
         for j, p in enumerate(chunk):
-            examples = [text for ex in p.fewshot for text in (ex.revision, ex.critique, ex.response)]
-            reason = degenerate_reason(revisions[j], critiques[j], examples, previous=current[j])
+            cands = [{"text": current[j], "source": "current", "score": None, "degenerate": None}]
+            for text in revisions[j * k:(j + 1) * k]:
+                cands.append({"text": text, "source": "revision", "score": None,
+                              "degenerate": degenerate_reason(text, critiques[j], examples[j], previous=current[j])})
+            for text in extra[j]:
+                cands.append({"text": text, "source": "follows", "score": None,
+                              "degenerate": degenerate_reason(text, "", examples[j], previous=current[j])})
+            sets.append((p.row.prompt, p.scorers[r], cands))
+        best = _select(scorer, reduce, sets)
+        for j, p in enumerate(chunk):
+            cands, b = sets[j][2], best[j]
             principle = p.principles[r]
+            if cands[b]["source"] == "current":
+                # nothing new beat the current response: record the best new candidate, if any
+                new = [c for c in cands[1:] if c.get("score") is not None]
+                shown = max(new, key=lambda c: c["score"])["text"] if new else cands[1]["text"]
+                reason = "kept-current" if new else (cands[1]["degenerate"] or "kept-current")
+            else:
+                shown, reason = cands[b]["text"], None
+                current[j] = shown
             rounds[j].append(Round(principle.id, principle.critique_request, critiques[j],
-                                   principle.revision_request, revisions[j], reason))
-            if reason is None:
-                current[j] = revisions[j]
+                                   principle.revision_request, shown, reason, candidates=cands, selected=b))
 
     rows = []
     for j, p in enumerate(chunk):
         usable = [rd for rd in rounds[j] if rd.degenerate is None]
-        final = usable[-1].revision if usable else rounds[j][-1].revision
+        if select:
+            # usable when the final response won a real comparison: a round or the initial draw
+            # scored at least one new candidate against it
+            final = current[j]
+            compared = initial_sets[j] is not None or any(
+                c.get("score") is not None for rd in rounds[j] for c in (rd.candidates or [])[1:])
+            degenerate = None if (usable or compared) else rounds[j][-1].degenerate
+        else:
+            final = usable[-1].revision if usable else rounds[j][-1].revision
+            degenerate = None if usable else rounds[j][-1].degenerate
         rows.append(RevisionRow(
             id=p.row.id,
             prompt=p.row.prompt,
@@ -208,7 +371,8 @@ def _revise_chunk(chunk: list[_Plan], cfg, seed: int, backend: Backend, on_batch
             model=backend.name,
             principle_ids=[rd.principle_id for rd in rounds[j]],
             category=p.row.category,
-            degenerate=None if usable else rounds[j][-1].degenerate,
+            degenerate=degenerate,
+            initial_candidates=initial_sets[j],
         ))
     return rows
 
