@@ -112,3 +112,42 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_model_dir, capsys, setu
     code = main(args)
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and fragment in err
+
+
+def test_rlcd_rows_carry_the_system_prompts_they_were_sampled_under(tmp_path, tiny_model_dir):
+    from constitutional.constitution import load_constitution
+
+    fb = load_constitution("default").feedback_principles
+    follows = {p.follows for p in fb}
+
+    def respond(chat):
+        assert chat[0]["role"] == "system"  # every rlcd answer is sampled under a system prompt
+        return "SAFE I would rather not, but here is a safe option" if chat[0]["content"] in follows \
+            else "here is exactly how to do it"
+
+    policy = ScriptedBackend(respond)
+    config = _config(tiny_model_dir, "label.method=rlcd", "label.limit=6")
+    summary = label.run(config, tmp_path, policy_backend=policy, feedback_backend=ContrastFake())
+    rows = read_jsonl(tmp_path / "label" / "comparisons.jsonl")
+    assert len(rows) == 6 == summary["rows"]
+    by_id = {p.id: p for p in fb}
+    for row in rows:
+        (pid,) = row["principle_ids"]
+        assert row["system_prompts"] == {"response_a": by_id[pid].follows, "response_b": by_id[pid].violates}
+        assert row["response_a"].startswith("SAFE") and row["chosen"][0]["content"] == row["response_a"]
+        assert row["p_chosen"] == 0.9 and row["method"] == "rlcd" and row["rescored"] is False
+    sampled = [chat[0]["content"] for chats, _ in policy.calls for chat in chats]
+    assert sampled[0::2] == [by_id[r["principle_ids"][0]].follows for r in rows]  # follows, violates, ...
+
+
+def test_rlcd_rescored_pairs_are_judged_by_contrast(tmp_path, tiny_model_dir):
+    policy = ScriptedBackend(lambda chat: "here is how" if "never refuse" in chat[0]["content"] else "SAFE no")
+    config = _config(tiny_model_dir, "label.method=rlcd", "label.limit=4", "label.rlcd_rescore=true")
+    from tests.test_critique_revise import FollowsScorer
+
+    label.run(config, tmp_path, policy_backend=policy, feedback_backend=FollowsScorer())
+    rows = read_jsonl(tmp_path / "label" / "comparisons.jsonl")
+    assert len(rows) == 4
+    for row in rows:  # contrast scores +0.5 vs -0.5 at T = 0.5: p = sigmoid(2)
+        assert row["rescored"] is True and row["p_chosen"] == pytest.approx(0.880797, abs=1e-5)
+        assert row["chosen"][0]["content"] == "SAFE no" and row["scores"][0]["s_a"] == 0.5

@@ -168,7 +168,8 @@ class LabelConfig:
     temperature: sampling temperature of the two responses.
     top_p: nucleus sampling mass of the two responses.
     max_new_tokens: token budget of each response.
-    method: ``multiple_choice``, ``cot`` or ``contrast`` (see feedback.py).
+    method: ``multiple_choice``, ``cot`` or ``contrast`` (see feedback.py), or ``rlcd``: each pair is
+        sampled under a principle's follows / violates system prompts and the follows answer preferred.
     ensemble: principles drawn per comparison; their P(A) are averaged.
     fewshot: few-shot labelling examples before each multiple-choice question.
     fewshot_file: ``default`` or a YAML file of labelling examples.
@@ -180,6 +181,8 @@ class LabelConfig:
     contrast_temperature: T in sigmoid((s_A - s_B) / T) (None: fitted on the shipped eval pairs).
     batch_size: sequences per forward pass.
     device: ``auto`` (cuda if available), ``cpu`` or ``cuda``.
+    rlcd_p_chosen: rlcd: the soft label of the follows answer.
+    rlcd_rescore: rlcd: judge each pair by the contrast method instead of the fixed label.
     """
 
     policy: str | None = None
@@ -204,11 +207,15 @@ class LabelConfig:
     contrast_temperature: float | None = None
     batch_size: int = 16
     device: str = "auto"
+    rlcd_p_chosen: float = 0.9
+    rlcd_rescore: bool = False
 
     def check(self) -> None:
         from constitutional.feedback import METHODS
 
-        _require(self.method in METHODS, "label.method", f"must be one of {', '.join(METHODS)}")
+        methods = (*METHODS, "rlcd")
+        _require(self.method in methods, "label.method", f"must be one of {', '.join(methods)}")
+        _require(0.5 <= self.rlcd_p_chosen <= 1, "label.rlcd_p_chosen", "must be in [0.5, 1]")
         _require(self.ensemble >= 1, "label.ensemble", "must be at least 1")
         _require(self.fewshot >= 0, "label.fewshot", "must be 0 or more")
         _require(0 <= self.cot_min <= 0.5 <= self.cot_max <= 1, "label.cot_min",

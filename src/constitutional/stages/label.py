@@ -12,6 +12,13 @@ Run:
     cai label --config configs/smollm2-cpu.yaml --out runs/demo
     cai label --out runs/mc --set label.policy=runs/demo/sft/model --set label.method=multiple_choice
 
+``method: rlcd`` (Yang et al. 2023, "RLCD: Reinforcement Learning from Contrastive
+Distillation") does not judge i.i.d. pairs: the policy answers each prompt twice, once under the
+drawn principle's ``follows`` system prompt and once under its ``violates`` one, and the
+``follows`` answer is preferred with ``p_chosen = rlcd_p_chosen``; with ``rlcd_rescore: true``
+the pair is judged by the contrast method instead (the preferred side may then flip). Rows carry
+the system prompts their responses were sampled under (``system_prompts``).
+
 Writes ``label/comparisons.jsonl``: TRL's conversational preference format (``prompt``,
 ``chosen``, ``rejected``) plus ``p_chosen`` (in [0.5, 1]), both responses, P(A), the raw
 scores, the principles and the method. Rows are appended as each batch finishes; a rerun
@@ -56,7 +63,7 @@ def run(config: PipelineConfig, out_dir: str | Path, policy_backend=None, feedba
     if cfg.helpful_prompts and not pools["helpful"]:
         raise CaiError(f"label.helpful_prompts is set but constitution {constitution.name!r} has no "
                        f"feedback principles of kind 'helpful'")
-    if cfg.method == "contrast":
+    if cfg.method in ("contrast", "rlcd"):
         feedback.check_contrast_principles(constitution.feedback_principles)
     policy_spec = cfg.policy or str(out_dir / "sft" / "model")
     check_model_spec(policy_spec, "label.policy")
@@ -88,7 +95,7 @@ def run(config: PipelineConfig, out_dir: str | Path, policy_backend=None, feedba
                 feedback_backend = policy_backend
             else:
                 feedback_backend = load_backend(feedback_spec, batch_size=cfg.batch_size, device=cfg.device)
-        if cfg.method == "contrast" and temperature is None:
+        if (cfg.method == "contrast" or (cfg.method == "rlcd" and cfg.rlcd_rescore)) and temperature is None:
             temperature = _fit_temperature(feedback_backend, pools, config.seed, cfg.contrast_reduce)
             _log(f"contrast temperature fitted on the shipped eval pairs: {temperature:.4f}")
         from constitutional.backends.base import SamplingParams
@@ -98,7 +105,11 @@ def run(config: PipelineConfig, out_dir: str | Path, policy_backend=None, feedba
             for i in range(0, len(todo), cfg.batch_size):
                 chunk = todo[i:i + cfg.batch_size]
                 seed = zlib.crc32(f"{config.seed}:{chunk[0][0].id}".encode()) & 0x7FFFFFFF
-                chats = [[{"role": "user", "content": p.prompt}] for p, _ in chunk for _ in range(2)]
+                drawn = [sample_principles(pools[kind], cfg.ensemble, config.seed, p.id) for p, kind in chunk]
+                if cfg.method == "rlcd":
+                    chats = rlcd_chats([p.prompt for p, _ in chunk], [ps[0] for ps in drawn])
+                else:
+                    chats = [[{"role": "user", "content": p.prompt}] for p, _ in chunk for _ in range(2)]
                 responses = policy_backend.generate(chats, SamplingParams(
                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed))
                 pairs = []
@@ -107,8 +118,12 @@ def run(config: PipelineConfig, out_dir: str | Path, policy_backend=None, feedba
                     if a.strip() == b.strip():
                         identical += 1
                         continue
-                    pairs.append((p, kind, a, b, sample_principles(pools[kind], cfg.ensemble, config.seed, p.id)))
-                for row in _judge(pairs, cfg, feedback_backend, fewshot, temperature, policy_spec, feedback_spec):
+                    pairs.append((p, kind, a, b, drawn[j]))
+                if cfg.method == "rlcd":
+                    judged = _rlcd_rows(pairs, cfg, feedback_backend, temperature, policy_spec, feedback_spec)
+                else:
+                    judged = _judge(pairs, cfg, feedback_backend, fewshot, temperature, policy_spec, feedback_spec)
+                for row in judged:
                     writer.append(row)
                     written += 1
                 bar.update(len(chunk))
@@ -173,6 +188,60 @@ def _judge(pairs, cfg, backend, fewshot, temperature, policy_spec: str, feedback
             "category": p.category,
             "policy": policy_spec,
             "feedback_model": feedback_spec,
+        })
+    return rows
+
+
+def rlcd_chats(prompts: list[str], principles: list) -> list[list[dict]]:
+    """Two chats per prompt: under the principle's ``follows`` system prompt, then its ``violates`` one.
+
+    >>> from constitutional.constitution import FeedbackPrinciple
+    >>> p = FeedbackPrinciple("x", "q?", follows="Be safe.", violates="Be reckless.")
+    >>> [c[0]["content"] for c in rlcd_chats(["Hi"], [p])]
+    ['Be safe.', 'Be reckless.']
+    """
+    return [[{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+            for prompt, principle in zip(prompts, principles, strict=True)
+            for system in (principle.follows, principle.violates)]
+
+
+def _rlcd_rows(pairs, cfg, backend, temperature, policy_spec: str, feedback_spec: str) -> list[dict]:
+    """RLCD comparisons: response A was sampled under ``follows``, B under ``violates``; A is
+    preferred with ``rlcd_p_chosen``, or the contrast method judges the pair (``rlcd_rescore``)."""
+    from constitutional import feedback
+
+    if not pairs:
+        return []
+    if cfg.rlcd_rescore:
+        items = [(p.prompt, ps[0], a, b) for p, _, a, b, ps in pairs]
+        judged = feedback.judge(backend, "contrast", items, **judge_settings(cfg, [], temperature))
+        p_as = [j.p_a for j in judged]
+        scores = [[j.scores] for j in judged]
+    else:
+        p_as = [cfg.rlcd_p_chosen] * len(pairs)
+        scores = [[{"p_a_fixed": cfg.rlcd_p_chosen}] for _ in pairs]
+    rows = []
+    for (p, kind, a, b, ps), p_a, score in zip(pairs, p_as, scores, strict=True):
+        a_wins = p_a >= 0.5
+        rows.append({
+            "id": p.id,
+            "prompt": [{"role": "user", "content": p.prompt}],
+            "chosen": [{"role": "assistant", "content": a if a_wins else b}],
+            "rejected": [{"role": "assistant", "content": b if a_wins else a}],
+            "p_chosen": round(max(p_a, 1 - p_a), 6),
+            "response_a": a,
+            "response_b": b,
+            "p_a": round(p_a, 6),
+            "scores": score,
+            "principle_ids": [ps[0].id],
+            "method": "rlcd",
+            "system_prompts": {"response_a": ps[0].follows, "response_b": ps[0].violates},
+            "rescored": cfg.rlcd_rescore,
+            "cot": None,
+            "kind": kind,
+            "category": p.category,
+            "policy": policy_spec,
+            "feedback_model": feedback_spec if cfg.rlcd_rescore else None,
         })
     return rows
 
