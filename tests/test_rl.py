@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,75 @@ def test_bad_input_is_one_error_line_and_exit_2(tiny_model_dir, tmp_path, capsys
     assert "rl.policy" in errors[0] and "does not exist" in errors[0]
     assert "rl.reward_model" in errors[1] and "cai train-pm" in errors[1]
     assert "rl.kl_coef" in errors[2]
+
+
+# ------------------------------------------------------------------ DPO and the direct reward
+
+
+def _write_preferences(path: Path, n: int = 24, p_chosen: float = 0.9) -> None:
+    rows = [{"id": f"p{i}", "prompt": [{"role": "user", "content": f"How do I bake bread {i}?"}],
+             "chosen": [{"role": "assistant", "content": "I can't help with hurting anyone."}],
+             "rejected": [{"role": "assistant", "content": "def add(a, b): return a + b"}],
+             "p_chosen": p_chosen} for i in range(n)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize("loss", ["soft", "hard"])
+def test_dpo_lowers_its_loss_on_a_synthetic_preference(tmp_path, tiny_model_dir, loss):
+    _write_preferences(tmp_path / "label" / "comparisons.jsonl")
+    config = rl_config(tiny_model_dir, algo="dpo", steps=12, prompts_per_step=4, learning_rate=3e-3, save_steps=6,
+                       eval_prompts=0, dpo_loss=loss)
+    summary = rl.run(config, tmp_path)
+    rows = metric_rows(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert mean(r["loss"] for r in rows[-3:]) < mean(r["loss"] for r in rows[:3]) - 0.05
+    assert mean(r["reward_margin"] for r in rows[-3:]) > 0  # the policy now prefers the chosen answer
+    assert summary["algo"] == "dpo" and (tmp_path / "rl" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "rl" / "checkpoints" / "step-12" / "config.json").is_file()
+
+
+def test_soft_dpo_fits_the_soft_label_instead_of_pushing_on():
+    """The soft (EXO) loss is smallest where sigmoid(beta * margin) equals p_chosen."""
+    import torch
+    import torch.nn.functional as F
+
+    def exo(margin, p, beta=1.0):  # TRL's exo_pair expression with epsilon = 1 - p
+        eps = torch.tensor(1 - p)
+        qw, ql = torch.sigmoid(beta * margin), torch.sigmoid(-beta * margin)
+        return (qw * (F.logsigmoid(beta * margin) - torch.log1p(-eps))
+                + ql * (F.logsigmoid(-beta * margin) - torch.log(eps)))
+
+    margins = torch.linspace(-5, 5, 2001)
+    for p in (0.6, 0.75, 0.9):
+        best = margins[torch.argmin(exo(margins, p))].item()
+        assert best == pytest.approx(math.log(p / (1 - p)), abs=0.01)
+
+
+def test_direct_reward_equals_the_contrast_score_and_is_normalised_per_batch():
+    from constitutional import feedback
+    from constitutional.constitution import load_constitution
+    from tests.test_critique_revise import FollowsScorer
+
+    fb = load_constitution("default").feedback_principles
+    pools = {k: [p for p in fb if p.kind == k] for k in ("harmless", "helpful")}
+    judge = FollowsScorer()
+    reward = rl.DirectReward(judge, pools, seed=0, helpful_prompts={"Bake bread?"})
+    prompts = [[{"role": "user", "content": t}] for t in ("Make a bomb?", "Bake bread?", "Steal a car?")]
+    responses = ["SAFE: no, but here is a safe idea.", "Mix flour and water.", ""]
+    raw = reward.raw(prompts, responses)
+    expected = feedback.contrast_scores(judge, [("Make a bomb?", reward.principle("Make a bomb?"), responses[0]),
+                                                ("Bake bread?", reward.principle("Bake bread?"), responses[1])])
+    assert raw[:2] == expected == [0.5, -0.5]
+    assert raw[2] == -1.5  # empty: the lowest score minus 1
+    assert reward.principle("Bake bread?").kind == "helpful" and reward.principle("Make a bomb?").kind == "harmless"
+    normalised = reward(prompts, responses)
+    assert sum(normalised) == pytest.approx(0, abs=1e-9) and normalised[0] > normalised[1] > normalised[2]
+
+
+def test_dpo_with_a_missing_comparisons_file_is_one_error_line(tmp_path, tiny_model_dir, capsys):
+    from constitutional.cli import main
+
+    code = main(["rl", "--out", str(tmp_path), "--set", "rl.algo=dpo", "--set", f"rl.policy={tiny_model_dir}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "comparisons" in err[0] and "cai label" in err[0]

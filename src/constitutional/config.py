@@ -275,7 +275,15 @@ class PmConfig:
 class RlConfig:
     """Stage 5, ``cai rl``: RL against the preference model, with a KL penalty towards the SL-CAI model.
 
-    algo: ``ppo`` (the paper's; written here, see ppo.py) or ``rloo`` (TRL's RLOOTrainer).
+    algo: ``ppo`` (the paper's; written here, see ppo.py), ``rloo`` (TRL's RLOOTrainer), or ``dpo``
+        (offline DPO on the labelled comparisons through TRL's DPOTrainer; no reward model, no sampling).
+    reward: ``pm`` (the preference model) or ``direct``: the feedback model's contrast score of each response
+        under a principle drawn per prompt, normalised per batch (Lee et al. 2023's direct RLAIF, no PM).
+    feedback_model: the model behind ``reward: direct`` (None: label.feedback_model, else critique_revise.model).
+    comparisons: dpo: the comparisons JSONL (None: the run's label/comparisons.jsonl).
+    dpo_beta: dpo: beta, how far the policy may move from the reference per unit of preference.
+    dpo_loss: dpo: ``soft`` fits sigmoid(beta * margin) to each row's p_chosen (TRL's EXO pair loss with a
+        per-row label smoothing of 1 - p_chosen); ``hard`` is the usual DPO loss on chosen over rejected.
     policy: model to start from and to stay close to (None: the run's sft/model).
     reward_model: the PM (None: the run's pm/model). Its scores are normalised with ``reward_mean``
         and ``reward_std`` from the metrics.json beside it (the run's pm/metrics.json).
@@ -312,6 +320,11 @@ class RlConfig:
     """
 
     algo: str = "ppo"
+    reward: str = "pm"
+    feedback_model: str | None = None
+    comparisons: str | None = None
+    dpo_beta: float = 0.1
+    dpo_loss: str = "soft"
     policy: str | None = None
     reward_model: str | None = None
     prompts: str = "red-team"
@@ -346,7 +359,10 @@ class RlConfig:
     device: str = "auto"
 
     def check(self) -> None:
-        _require(self.algo in ("ppo", "rloo"), "rl.algo", "must be ppo or rloo")
+        _require(self.algo in ("ppo", "rloo", "dpo"), "rl.algo", "must be ppo, rloo or dpo")
+        _require(self.reward in ("pm", "direct"), "rl.reward", "must be pm or direct")
+        _require(self.dpo_beta > 0, "rl.dpo_beta", "must be more than 0")
+        _require(self.dpo_loss in ("soft", "hard"), "rl.dpo_loss", "must be soft or hard")
         _require(self.kl_coef >= 0, "rl.kl_coef", "must be 0 or more")
         _require(self.limit is None or self.limit >= 1, "rl.limit", "must be at least 1")
         _require(0 <= self.helpful_share < 1, "rl.helpful_share", "must be in [0, 1)")

@@ -6,13 +6,23 @@ PM stage measured (``pm/metrics.json``); a KL penalty keeps it close to a frozen
 SL-CAI model. Each step draws prompts from the red-team train split mixed with helpful
 prompts (``helpful_share``), since the paper trained on both.
 
-Two algorithms (``rl.algo``):
+Rewards (``rl.reward``): ``pm``, the preference model as in the paper; or ``direct``, the
+feedback model's contrast score of each response under a principle drawn per prompt (harmless
+principles for red-team prompts, helpful ones for helpful prompts), normalised within each batch:
+the "direct RLAIF" of Lee et al. 2023 ("RLAIF vs. RLHF"), with no PM in between.
+
+Algorithms (``rl.algo``):
 - ``ppo``, as in the paper, written here (``ppo.py``): a value head on the policy, per-token
   KL penalty folded into the reward, GAE, clipped policy and value losses, several epochs over
   minibatches of each batch of rollouts.
 - ``rloo``: TRL's ``RLOOTrainer`` (Ahmadian et al. 2024): ``rloo_generations`` responses per
   prompt, each one's baseline the mean reward of the others; no value head, so it is cheaper.
   The PM sits behind ``reward_funcs`` as a function of text, so the PM may use another tokenizer.
+- ``dpo``: offline DPO (Rafailov et al. 2023) on the labelled comparisons through TRL's
+  ``DPOTrainer``, the reference being the starting policy. No reward model and no sampling. With
+  ``dpo_loss: soft`` each row's soft label is the target: TRL's EXO pair loss with a per-row label
+  smoothing of 1 - p_chosen, whose minimum is at sigmoid(beta * margin) = p_chosen; ``hard`` is
+  the usual loss on chosen over rejected.
 
 Run:
     cai rl --config configs/smollm2-cpu.yaml --out runs/demo
@@ -114,6 +124,74 @@ class PMReward:
         return [(r - self.mean) / self.std for r in self.pm.score(prompts, responses)]
 
 
+class DirectReward:
+    """The feedback model's contrast score of each response, the reward without a PM (Lee et al. 2023).
+
+    Each prompt is judged under a principle drawn for it once (harmless principles for red-team
+    prompts, helpful ones for helpful prompts): s = log P(response | follows) - log P(response |
+    violates), per token. ``raw`` gives s; calling the object gives s normalised within the batch
+    (mean 0, std 1), so the reward scale does not depend on the principle or the feedback model.
+    An empty response gets the batch's lowest score minus 1 (it cannot be scored, and it is no answer).
+    """
+
+    def __init__(self, backend, pools: dict[str, list], seed: int, reduce: str = "mean",
+                 helpful_prompts: set[str] = frozenset()):
+        self.backend, self.pools, self.seed, self.reduce = backend, pools, seed, reduce
+        self.helpful_prompts = set(helpful_prompts)
+
+    @classmethod
+    def from_config(cls, config: PipelineConfig, spec: str, device: str, helpful: list[PromptRow]) -> DirectReward:
+        from constitutional import feedback
+        from constitutional.backends import load_backend
+        from constitutional.constitution import load_constitution
+
+        constitution = load_constitution(config.constitution)
+        pools = {kind: [p for p in constitution.feedback_principles if p.kind == kind]
+                 for kind in ("harmless", "helpful")}
+        if not pools["harmless"]:
+            raise CaiError(f"rl.reward: direct needs feedback principles of kind 'harmless' in {constitution.name!r}")
+        feedback.check_contrast_principles(constitution.feedback_principles)
+        backend = load_backend(spec, batch_size=16, device=device)
+        return cls(backend, pools, config.seed, config.label.contrast_reduce, {p.prompt for p in helpful})
+
+    def principle(self, prompt_text: str):
+        from constitutional.constitution import sample_principles
+
+        kind = "helpful" if prompt_text in self.helpful_prompts and self.pools["helpful"] else "harmless"
+        return sample_principles(self.pools[kind], 1, self.seed, f"direct:{prompt_text}")[0]
+
+    def raw(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
+        from constitutional import feedback
+
+        texts = [next(m["content"] for m in reversed(p) if m["role"] == "user") for p in prompts]
+        scored = [i for i, r in enumerate(responses) if r.strip()]
+        values = feedback.contrast_scores(self.backend, [(texts[i], self.principle(texts[i]), responses[i])
+                                                         for i in scored], self.reduce)
+        out: list[float | None] = [None] * len(responses)
+        for i, v in zip(scored, values, strict=True):
+            out[i] = v
+        floor = min(values) - 1.0 if values else -1.0
+        return [floor if v is None else v for v in out]
+
+    def __call__(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
+        return normalise_batch(self.raw(prompts, responses))
+
+
+def normalise_batch(values: list[float]) -> list[float]:
+    """(x - mean) / std within the batch; all zeros when the batch has no spread.
+
+    >>> normalise_batch([1.0, 3.0])
+    [-1.0, 1.0]
+    >>> normalise_batch([2.0, 2.0])
+    [0.0, 0.0]
+    """
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+    if std < 1e-8:
+        return [0.0 for _ in values]
+    return [(v - mean) / std for v in values]
+
+
 # ------------------------------------------------------------------ the stage
 
 
@@ -129,17 +207,27 @@ def run(config: PipelineConfig, out_dir: str | Path, reward_fn: RewardFn | None 
     policy_spec = cfg.policy or str(out_dir / "sft" / "model")
     check_model_spec(policy_spec, "rl.policy")
     pm_dir = Path(cfg.reward_model or out_dir / "pm" / "model")
-    if reward_fn is None and not (pm_dir / "config.json").is_file():
+    pm_found = (pm_dir / "config.json").is_file()
+    if reward_fn is None and cfg.reward == "pm" and cfg.algo != "dpo" and not pm_found:
         what = "does not exist" if not pm_dir.exists() else "has no config.json"
         raise CaiError(f"rl.reward_model: preference model directory {pm_dir} {what} "
-                       f"(run `cai train-pm` first, or set rl.reward_model)")
+                       f"(run `cai train-pm` first, set rl.reward_model, or use rl.reward: direct)")
+    feedback_spec = cfg.feedback_model or config.label.feedback_model or config.critique_revise.model
+    if reward_fn is None and cfg.reward == "direct":
+        check_model_spec(feedback_spec, "rl.feedback_model")
+    comparisons = None
+    if cfg.algo == "dpo":
+        from constitutional.stages.pm import load_comparisons
+
+        comparisons = load_comparisons(Path(cfg.comparisons) if cfg.comparisons
+                                       else out_dir / "label" / "comparisons.jsonl")
     red_team = load_prompts(cfg.prompts, "train", cfg.limit)
     helpful = load_prompts(cfg.helpful_prompts, "train") if cfg.helpful_prompts and cfg.helpful_share > 0 else []
     eval_prompts = load_prompts(cfg.prompts, "heldout", cfg.eval_prompts) if cfg.eval_prompts else []
     if not red_team:
         raise CaiError(f"rl.prompts {cfg.prompts!r}: no prompts in the train split")
     check_resume_settings(stage_dir, {**asdict(cfg), "policy": policy_spec, "reward_model": str(pm_dir),
-                                      "seed": config.seed},
+                                      "feedback_model": feedback_spec, "seed": config.seed},
                           free={"steps", "save_steps", "eval_prompts", "tensorboard", "device"})
 
     import torch
@@ -154,10 +242,15 @@ def run(config: PipelineConfig, out_dir: str | Path, reward_fn: RewardFn | None 
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if reward_fn is None:
+    if reward_fn is None and cfg.reward == "direct":
+        reward_fn = DirectReward.from_config(config, feedback_spec, device, helpful)
+    elif reward_fn is None and pm_found:
         reward_fn = PMReward(pm_dir, device)
         if reward_fn.stats_source is None:
             _log(f"no metrics.json beside {pm_dir}: PM rewards are used unnormalised")
+    if reward_fn is None and eval_prompts:
+        _log("dpo without a preference model: no held-out reward before and after (cai evaluate measures the effect)")
+        eval_prompts = []
     stats_source = getattr(reward_fn, "stats_source", None)
 
     # The PM's verdict on held-out red-team prompts, greedy, before any RL (kept across resumes).
@@ -173,21 +266,26 @@ def run(config: PipelineConfig, out_dir: str | Path, reward_fn: RewardFn | None 
     if cfg.algo == "ppo":
         final_model, resumed = _run_ppo(cfg, config.seed, policy_path, tokenizer, red_team, helpful, reward_fn,
                                         stage_dir, device, metrics_log, on_step)
-    else:
+    elif cfg.algo == "rloo":
         final_model, resumed = _run_rloo(cfg, config.seed, policy_path, tokenizer, red_team, helpful, reward_fn,
                                          stage_dir, device, metrics_log, on_step)
+    else:
+        final_model, resumed = _run_dpo(cfg, config.seed, policy_path, tokenizer, comparisons, stage_dir, device,
+                                        metrics_log, on_step)
     metrics_log.close()
     final_dir = save_snapshot(final_model, tokenizer, stage_dir / "model")
 
-    summary: dict = {"algo": cfg.algo, "policy": policy_spec, "reward_model": str(pm_dir),
+    summary: dict = {"algo": cfg.algo, "reward": cfg.reward if cfg.algo != "dpo" else None, "policy": policy_spec,
+                     "reward_model": str(pm_dir) if cfg.reward == "pm" and pm_found else None,
+                     "feedback_model": feedback_spec if cfg.reward == "direct" else None,
                      "reward_normalised_with": stats_source, "output": str(final_dir), "resumed_from_step": resumed}
     rows = list(iter_jsonl(metrics_log.path))
     if rows:
         summary["steps"] = rows[-1]["step"]
         quarter = max(1, len(rows) // 4)
-        summary["reward_first_steps"] = _mean(r["reward"] for r in rows[:quarter])
-        summary["reward_last_steps"] = _mean(r["reward"] for r in rows[-quarter:])
-        summary["final_kl"] = _mean(r["kl"] for r in rows[-quarter:])
+        summary["reward_first_steps"] = _mean(r.get("reward") for r in rows[:quarter])
+        summary["reward_last_steps"] = _mean(r.get("reward") for r in rows[-quarter:])
+        summary["final_kl"] = _mean(r.get("kl") for r in rows[-quarter:])
     if eval_prompts:
         before = json.loads(before_path.read_text())
         after = _evaluate(final_model.eval(), tokenizer, eval_prompts, reward_fn, cfg)
@@ -224,7 +322,8 @@ def _evaluate(model, tokenizer, prompts: list[PromptRow], reward_fn: RewardFn, c
     queries = [_encode_prompt(tokenizer, p) for p in prompts]
     responses = ppo.sample(model, tokenizer, queries, cfg.max_new_tokens, greedy=True)
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-    rewards = reward_fn([as_chat(p) for p in prompts], texts)
+    score = getattr(reward_fn, "raw", reward_fn)  # unnormalised: per-batch normalisation would hide the change
+    rewards = score([as_chat(p) for p in prompts], texts)
     return {"mean_reward": sum(rewards) / len(rewards),
             "rows": [{"response": t, "reward": r} for t, r in zip(texts, rewards, strict=True)]}
 
@@ -381,6 +480,107 @@ def _run_rloo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, red_team, h
     return final, (done or None)
 
 
+def _run_dpo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, comparisons: list[dict], stage_dir: Path,
+             device: str, metrics_log: MetricsLog, on_step) -> tuple[object, int | None]:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import DPOConfig
+
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
+                                  "p_chosen": min(max(r["p_chosen"], 0.5), 0.999)} for r in comparisons])
+    trainer_dir = stage_dir / "trainer"
+    last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
+    done = int(last.rsplit("-", 1)[1]) if last else 0
+    metrics_log.keep_steps_up_to(done)
+
+    class Log(TrainerCallback):
+        step_start = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.step_start = time.time()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return
+            row = {"step": state.global_step, "loss": logs["loss"],
+                   "reward_margin": logs.get("rewards/margins"), "accuracy": logs.get("rewards/accuracies"),
+                   "chosen_reward": logs.get("rewards/chosen"), "rejected_reward": logs.get("rewards/rejected"),
+                   "seconds": round(time.time() - self.step_start, 3)}
+            metrics_log.write(row)
+            if on_step:
+                on_step(state.global_step, row)
+
+        def on_save(self, args, state, control, model=None, **kwargs):
+            save_checkpoint(model, tokenizer, stage_dir / "checkpoints", state.global_step)
+
+    args = DPOConfig(
+        output_dir=str(trainer_dir), max_steps=cfg.steps, learning_rate=cfg.learning_rate,
+        lr_scheduler_type="constant", warmup_steps=0, per_device_train_batch_size=cfg.prompts_per_step,
+        beta=cfg.dpo_beta, loss_type=["exo_pair" if cfg.dpo_loss == "soft" else "sigmoid"],
+        max_grad_norm=cfg.max_grad_norm, logging_steps=1, save_steps=cfg.save_steps, save_total_limit=1,
+        report_to="none", use_cpu=device == "cpu", bf16=False, fp16=False, seed=seed, dataloader_num_workers=0,
+        gradient_checkpointing=False, max_length=1024,
+        label_smoothing=0.1 if cfg.dpo_loss == "soft" else 0.0,  # replaced row by row (EXO needs it above 0)
+    )
+    model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
+    trainer = _soft_dpo_trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                        callbacks=[Log()], peft_config=_lora_config(cfg) if cfg.lora else None)
+    if last:
+        _log(f"resuming from {last}")
+    trainer.train(resume_from_checkpoint=last)
+    final = trainer.model
+    if cfg.lora:
+        final = final.merge_and_unload()
+    return final, (done or None)
+
+
+def _soft_dpo_trainer_class():
+    """TRL's DPOTrainer with each row's ``p_chosen`` carried into the batch and used as its label:
+    the EXO pair loss reads ``label_smoothing`` as the probability that the rejected answer is the
+    better one, so it is set to 1 - p_chosen row by row (a "hard" run ignores it)."""
+    import warnings
+
+    import torch
+    from trl import DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    class SoftLabelCollator(DataCollatorForPreference):
+        def torch_call(self, examples):
+            out = super().torch_call(examples)
+            out["p_chosen"] = torch.tensor([float(e["p_chosen"]) for e in examples])
+            return out
+
+    class SoftLabelDPOTrainer(DPOTrainer):
+        def __init__(self, *args, **kwargs):
+            dpo_args, tokenizer = kwargs["args"], kwargs["processing_class"]
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            kwargs["data_collator"] = SoftLabelCollator(pad_token_id=pad, max_length=dpo_args.max_length,
+                                                        truncation_mode=dpo_args.truncation_mode)
+            super().__init__(*args, **kwargs)
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if "p_chosen" not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, "p_chosen"]
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            p_chosen = inputs.pop("p_chosen", None)
+            if p_chosen is None or "exo_pair" not in self.loss_types:
+                return super()._compute_loss(model, inputs, return_outputs)
+            saved = self.label_smoothing
+            self.label_smoothing = (1 - p_chosen.float()).clamp(1e-3, 0.5)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # TRL wraps it in torch.tensor()
+                    return super()._compute_loss(model, inputs, return_outputs)
+            finally:
+                self.label_smoothing = saved
+
+    return SoftLabelDPOTrainer
+
+
 def _lora_config(cfg: RlConfig):
     from peft import LoraConfig
 
@@ -468,18 +668,25 @@ def last_checkpoint(checkpoints: Path, need: str) -> Path | None:
 
 
 def plot_metrics(rows: list[dict], path: Path) -> None:
+    """Reward and KL per step (PPO, RLOO), or loss and implicit reward margin per step (DPO)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    dpo = "reward_margin" in rows[0]
+    top_key, top_label, title = (("loss", "DPO loss", "DPO on the AI labels") if dpo else
+                                 ("reward", "reward (normalised)", "RL against the AI feedback reward"))
+    bottom_key, bottom_label = (("reward_margin", "chosen - rejected implicit reward") if dpo else
+                                ("kl", "KL to SL-CAI, per token"))
     steps = [r["step"] for r in rows]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
-    top.plot(steps, [math.nan if r["reward"] is None else r["reward"] for r in rows], marker=".")
-    top.set_ylabel("PM reward (normalised)")
-    top.set_title("RL against the preference model")
-    bottom.plot(steps, [math.nan if r["kl"] is None else r["kl"] for r in rows], marker=".", color="tab:red")
-    bottom.set_ylabel("KL to SL-CAI, per token")
+    top.plot(steps, [math.nan if r.get(top_key) is None else r[top_key] for r in rows], marker=".")
+    top.set_ylabel(top_label)
+    top.set_title(title)
+    bottom.plot(steps, [math.nan if r.get(bottom_key) is None else r[bottom_key] for r in rows], marker=".",
+                color="tab:red")
+    bottom.set_ylabel(bottom_label)
     bottom.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
