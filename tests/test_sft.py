@@ -115,3 +115,26 @@ def test_pure_helpers():
     assert sft.split_rows(rows[:2], 0.01, 0)[1] == [rows[1]]  # at least one held out
     assert sft.to_prompt_completion([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]) == {
         "prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "a"}]}
+
+
+def test_helpful_samples_keep_the_candidate_the_helpful_principle_prefers(tmp_path):
+    import itertools
+
+    from constitutional.config import load_config
+    from constitutional.constitution import load_constitution
+    from tests.fakes import ScriptedBackend
+    from tests.test_critique_revise import FollowsScorer
+
+    answers = itertools.cycle(["Not sure, look it up.", "SAFE: here is a clear, complete answer."])
+    backend = ScriptedBackend(lambda chat: next(answers))
+    cfg = load_config(None, ["sft.helpful_candidates=2", "sft.generate_batch_size=3"]).sft
+    helpful = [p for p in load_constitution("default").feedback_principles if p.kind == "helpful"]
+    rows = sft._helpful_samples(cfg, 0, backend, tmp_path, 5, FollowsScorer(), helpful)
+    assert len(rows) == 7  # 5 to train on, plus the held-out share
+    assert all(r["messages"][1]["content"].startswith("SAFE") for r in rows)
+    stored = [json.loads(line) for line in (tmp_path / "helpful_samples.jsonl").open()]
+    for row in stored:
+        sel = row["selection"]
+        assert sel["principle_id"] in {p.id for p in helpful}
+        assert [c["score"] for c in sel["candidates"]] == [-0.5, 0.5]
+    assert sum(len(chats) for chats, _ in backend.calls) == 14  # two answers sampled per prompt

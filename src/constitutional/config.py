@@ -115,6 +115,9 @@ class SftConfig:
     tensorboard: also write TensorBoard logs to sft/tensorboard/.
     generate_batch_size: chats per forward pass when generating helpfulness samples.
     device: ``auto`` (cuda if available), ``cpu`` or ``cuda``.
+    helpful_candidates: answers sampled per helpful prompt; with more than one, the feedback model
+        (label.feedback_model, else the helpful model) scores each under a helpful principle drawn for the
+        prompt (contrast method) and the best is kept, as stage 1's selection does for revisions.
     """
 
     model: str | None = None
@@ -139,10 +142,12 @@ class SftConfig:
     tensorboard: bool = False
     generate_batch_size: int = 32
     device: str = "auto"
+    helpful_candidates: int = 1
 
     def check(self) -> None:
         _require(0 <= self.helpful_fraction < 1, "sft.helpful_fraction", "must be in [0, 1)")
         _require(0 <= self.heldout_fraction < 1, "sft.heldout_fraction", "must be in [0, 1)")
+        _require(self.helpful_candidates >= 1, "sft.helpful_candidates", "must be at least 1")
         _require(self.epochs > 0, "sft.epochs", "must be more than 0")
         _require(self.max_steps is None or self.max_steps >= 1, "sft.max_steps", "must be at least 1")
         _require(self.learning_rate > 0, "sft.learning_rate", "must be more than 0")

@@ -173,6 +173,17 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
             raise CaiError("sft.tensorboard: install the tensorboard package "
                            "(pip install 'constitutional[tensorboard]')") from None
     model_spec = cfg.model or config.critique_revise.model
+    helpful_principles = None
+    if cfg.helpful_candidates > 1 and user_helpful is None:
+        from constitutional import feedback
+        from constitutional.constitution import load_constitution
+
+        constitution = load_constitution(config.constitution)
+        helpful_principles = [p for p in constitution.feedback_principles if p.kind == "helpful"]
+        if not helpful_principles:
+            raise CaiError(f"sft.helpful_candidates: constitution {constitution.name!r} has no feedback principles "
+                           f"of kind 'helpful' to choose helpfulness samples with")
+        feedback.check_contrast_principles(helpful_principles)
     check_resume_settings(stage_dir, {**asdict(cfg), "model": model_spec, "seed": config.seed},
                           free={"epochs", "max_steps", "save_steps", "tensorboard", "generate_batch_size", "device"})
     n_helpful = helpful_count(len(rev_train), cfg.helpful_fraction)
@@ -198,7 +209,16 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
         helpful = user_helpful
         helpful_source = str(cfg.helpful_data)
     else:
-        helpful = _helpful_samples(cfg, config.seed, backend, stage_dir, n_helpful)
+        scorer, principles = None, None
+        if cfg.helpful_candidates > 1:
+            from constitutional.backends import load_backend, same_model
+
+            feedback_spec = config.label.feedback_model or model_spec
+            scorer = backend if same_model(feedback_spec, model_spec) else load_backend(
+                feedback_spec, batch_size=cfg.generate_batch_size, device=device)
+            principles = helpful_principles
+        helpful = _helpful_samples(cfg, config.seed, backend, stage_dir, n_helpful, scorer, principles,
+                                   config.label.contrast_reduce)
         helpful_source = str(stage_dir / "helpful_samples.jsonl")
     help_train, help_held = split_rows(helpful, cfg.heldout_fraction, config.seed)
     help_train = help_train[:n_helpful]
@@ -256,11 +276,18 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
     return metrics
 
 
-def _helpful_samples(cfg, seed: int, backend, stage_dir: Path, needed: int) -> list[dict]:
-    """The helpful model's own answers to ``needed`` (+ held-out share) helpful train prompts."""
+def _helpful_samples(cfg, seed: int, backend, stage_dir: Path, needed: int, scorer=None,
+                     principles: list | None = None, reduce: str = "mean") -> list[dict]:
+    """The helpful model's own answers to ``needed`` (+ held-out share) helpful train prompts.
+
+    With ``helpful_candidates: k > 1``, k answers are sampled per prompt and ``scorer`` (the
+    feedback model) keeps the one that best follows a helpful principle drawn for the prompt.
+    """
     from tqdm.auto import tqdm
 
+    from constitutional import feedback
     from constitutional.backends.base import SamplingParams
+    from constitutional.constitution import sample_principles
     from constitutional.datasets import load_prompts
 
     prompts = load_prompts(cfg.helpful_prompts, "train")
@@ -272,22 +299,39 @@ def _helpful_samples(cfg, seed: int, backend, stage_dir: Path, needed: int) -> l
     path = stage_dir / "helpful_samples.jsonl"
     writer = JsonlAppender(path)
     todo = [p for p in prompts if p.id not in writer.done_ids]
+    k = cfg.helpful_candidates
     if todo:
-        bar = tqdm(total=len(todo), desc="helpful samples", unit="chat", file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(total=len(todo) * k, desc="helpful samples", unit="chat", file=sys.stderr, dynamic_ncols=True)
         with writer:
             for i in range(0, len(todo), cfg.generate_batch_size):
                 chunk = todo[i:i + cfg.generate_batch_size]
                 params = SamplingParams(max_new_tokens=cfg.helpful_max_new_tokens,
                                         temperature=cfg.helpful_temperature, top_p=0.95,
                                         seed=zlib.crc32(f"{seed}:{chunk[0].id}".encode()) & 0x7FFFFFFF)
-                out = backend.generate([[{"role": "user", "content": p.prompt}] for p in chunk], params,
-                                       lambda n, _t: bar.update(n))
-                for p, c in zip(chunk, out, strict=True):
-                    if not c.text.strip():
+                out = backend.generate([[{"role": "user", "content": p.prompt}] for p in chunk for _ in range(k)],
+                                       params, lambda n, _t: bar.update(n))
+                texts = [c.text for c in out]
+                chosen, candidates = texts[::k], [None] * len(chunk)
+                if k > 1:
+                    drawn = [sample_principles(principles, 1, seed, f"helpful-select:{p.id}")[0] for p in chunk]
+                    items = [(p.prompt, drawn[j], t) for j, p in enumerate(chunk)
+                             for t in texts[j * k:(j + 1) * k] if t.strip()]
+                    scores = iter(feedback.contrast_scores(scorer, items, reduce))
+                    for j in range(len(chunk)):
+                        cands = [{"text": t, "score": round(next(scores), 6) if t.strip() else None}
+                                 for t in texts[j * k:(j + 1) * k]]
+                        scored = [c for c in cands if c["score"] is not None]
+                        chosen[j] = max(scored, key=lambda c: c["score"])["text"] if scored else ""
+                        candidates[j] = {"principle_id": drawn[j].id, "candidates": cands}
+                for p, text, cands in zip(chunk, chosen, candidates, strict=True):
+                    if not text.strip():
                         continue  # an empty answer teaches nothing; it is simply not written
-                    writer.append({"id": p.id, "messages": [{"role": "user", "content": p.prompt},
-                                                            {"role": "assistant", "content": c.text}],
-                                   "model": backend.name})
+                    row = {"id": p.id, "messages": [{"role": "user", "content": p.prompt},
+                                                    {"role": "assistant", "content": text}],
+                           "model": backend.name}
+                    if cands:
+                        row["selection"] = cands
+                    writer.append(row)
         bar.close()
     wanted = {p.id for p in prompts}
     return [{"id": r["id"], "messages": r["messages"]} for r in iter_jsonl(path) if r["id"] in wanted]
