@@ -117,13 +117,12 @@ def test_stage_runs_on_a_tiny_real_model_through_the_cli(tmp_path, tiny_model_di
     assert manifest["config"]["critique_revise"]["limit"] == 3
 
 
-def test_run_writes_manifest_with_failed_stage(tmp_path, capsys):
-    code = main(["run", "configs/smollm2-cpu.yaml", "--out", str(tmp_path),
-                 "--set", "critique_revise.prompts=missing.jsonl"])
-    assert code == 2
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["stages"]["critique_revise"]["status"] == "failed"
-    assert "missing.jsonl" in manifest["stages"]["critique_revise"]["error"]
+def test_a_bad_input_file_stops_the_run_before_any_run_directory_exists(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["run", "configs/smollm2-cpu.yaml", "--out", str(out), "--set", "critique_revise.prompts=missing.jsonl"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "missing.jsonl" in err[0]
+    assert not out.exists()  # no directory, no manifest
 
 
 def test_rerun_with_other_settings_is_refused_but_a_larger_limit_resumes(tmp_path, capsys):

@@ -20,11 +20,11 @@ def count_e(prompts, responses):
     return [float(r.count("e")) for r in responses]
 
 
-def rl_config(model_dir: Path, **overrides) -> PipelineConfig:
+def rl_config(model_dir: Path, keep_optimizer_state: bool = False, **overrides) -> PipelineConfig:
     settings = {"policy": str(model_dir), "steps": 30, "prompts_per_step": 8, "max_new_tokens": 8,
                 "learning_rate": 1e-2, "kl_coef": 0.0, "eval_prompts": 4, "save_steps": 10, "device": "cpu"}
     settings.update(overrides)
-    return PipelineConfig(rl=RlConfig(**settings))
+    return PipelineConfig(rl=RlConfig(**settings), keep_optimizer_state=keep_optimizer_state)
 
 
 def metric_rows(out: Path) -> list[dict]:
@@ -87,8 +87,9 @@ def test_synthetic_reward_rises(algo, tiny_model_dir, tmp_path):
         assert key in rows[-1]
     # a plain transformers directory, and snapshots for reward-against-step plots
     assert (tmp_path / "rl" / "model" / "config.json").is_file()
-    assert sorted(p.name for p in (tmp_path / "rl" / "checkpoints").glob("step-*")) == ["step-10", "step-20",
-                                                                                        "step-30"]
+    # step-30 held the same weights as rl/model, so it is gone; no optimizer state is left behind
+    assert sorted(p.name for p in (tmp_path / "rl" / "checkpoints").glob("step-*")) == ["step-10", "step-20"]
+    assert not list((tmp_path / "rl").rglob("optimizer*")) and not (tmp_path / "rl" / "trainer").exists()
     assert (tmp_path / "rl" / "reward.png").stat().st_size > 0
     samples = [json.loads(line) for line in (tmp_path / "rl" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and {"before", "after", "reward_before", "reward_after"} <= set(samples[0])
@@ -140,14 +141,17 @@ def test_ppo_resumes_after_a_kill_exactly_as_if_uninterrupted(tiny_model_dir, tm
         assert a["reward"] == pytest.approx(b["reward"], abs=1e-6)
         assert a["kl"] == pytest.approx(b["kl"], abs=1e-4)
     checkpoints = tmp_path / "resumed" / "rl" / "checkpoints"
-    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-3", "step-6", "step-8"]
-    # only the newest checkpoint keeps the optimizer state (the others are snapshots for plots)
-    assert [p.parent.name for p in checkpoints.glob("step-*/optimizer.safetensors")] == ["step-8"]
+    # step-8 held the weights of rl/model; the others stay as snapshots for plots, without optimizer state
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-3", "step-6"]
+    assert not list(checkpoints.glob("step-*/optimizer.safetensors"))
 
 
 def test_more_steps_and_eval_prompts_continue_a_finished_run(tiny_model_dir, tmp_path):
-    rl.run(rl_config(tiny_model_dir, steps=2, save_steps=2, eval_prompts=2), tmp_path, reward_fn=count_e)
-    summary = rl.run(rl_config(tiny_model_dir, steps=4, save_steps=2, eval_prompts=3), tmp_path, reward_fn=count_e)
+    # continuing a finished run exactly needs its optimizer state kept
+    rl.run(rl_config(tiny_model_dir, True, steps=2, save_steps=2, eval_prompts=2), tmp_path, reward_fn=count_e)
+    assert (tmp_path / "rl" / "checkpoints" / "step-2" / "optimizer.safetensors").is_file()
+    summary = rl.run(rl_config(tiny_model_dir, True, steps=4, save_steps=2, eval_prompts=3), tmp_path,
+                     reward_fn=count_e)
     assert summary["resumed_from_step"] == 2 and summary["heldout_prompts"] == 3
     assert [r["step"] for r in metric_rows(tmp_path)] == [1, 2, 3, 4]
     assert len((tmp_path / "rl" / "samples.jsonl").read_text().splitlines()) == 3
@@ -160,19 +164,19 @@ def test_rloo_resumes_after_a_kill(tiny_model_dir, tmp_path):
     summary = rl.run(config, tmp_path, reward_fn=count_e)
     assert summary["resumed_from_step"] == 2
     assert [r["step"] for r in metric_rows(tmp_path)] == list(range(1, 7))
-    assert sorted(p.name for p in (tmp_path / "rl" / "checkpoints").glob("step-*")) == ["step-2", "step-4",
-                                                                                        "step-6"]
+    assert sorted(p.name for p in (tmp_path / "rl" / "checkpoints").glob("step-*")) == ["step-2", "step-4"]
+    assert not (tmp_path / "rl" / "trainer").exists()  # TRL's checkpoints (optimizer state) are gone
 
 
 def test_lora_ppo_saves_a_merged_model_and_an_adapter(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    rl.run(rl_config(tiny_model_dir, lora=True, lora_r=4, steps=3, save_steps=3, eval_prompts=0), tmp_path,
+    rl.run(rl_config(tiny_model_dir, lora=True, lora_r=4, steps=4, save_steps=2, eval_prompts=0), tmp_path,
            reward_fn=count_e)
     model_dir = tmp_path / "rl" / "model"
     assert not (model_dir / "adapter_config.json").exists()
     AutoModelForCausalLM.from_pretrained(model_dir)  # loads as a plain model
-    assert (tmp_path / "rl" / "checkpoints" / "step-3" / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "rl" / "checkpoints" / "step-2" / "adapter" / "adapter_config.json").is_file()
 
 
 # ------------------------------------------------------------------ bad input
@@ -226,7 +230,7 @@ def test_dpo_lowers_its_loss_on_a_synthetic_preference(tmp_path, tiny_model_dir,
     assert mean(r["loss"] for r in rows[-3:]) < mean(r["loss"] for r in rows[:3]) - 0.05
     assert mean(r["reward_margin"] for r in rows[-3:]) > 0  # the policy now prefers the chosen answer
     assert summary["algo"] == "dpo" and (tmp_path / "rl" / "model" / "model.safetensors").is_file()
-    assert (tmp_path / "rl" / "checkpoints" / "step-12" / "config.json").is_file()
+    assert (tmp_path / "rl" / "checkpoints" / "step-6" / "config.json").is_file()
 
 
 def test_soft_dpo_fits_the_soft_label_instead_of_pushing_on():

@@ -26,28 +26,19 @@ import json
 import platform
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 from constitutional import __version__
 from constitutional.config import STAGES, PipelineConfig, load_config
 from constitutional.errors import CaiError
-from constitutional.records import write_json
-
-# stage name in configs -> (CLI subcommand, module)
-STAGE_MODULES = {
-    "critique_revise": ("critique-revise", "constitutional.stages.critique_revise"),
-    "sft": ("sft", "constitutional.stages.sft"),
-    "label": ("label", "constitutional.stages.label"),
-    "pm": ("train-pm", "constitutional.stages.pm"),
-    "rl": ("rl", "constitutional.stages.rl"),
-    "evaluate": ("evaluate", "constitutional.stages.evaluate"),
-}
+from constitutional.pipeline import STAGE_MODULES
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if not getattr(args, "verbose", False):
+        quiet_libraries()
     try:
         return args.func(args)
     except CaiError as e:
@@ -58,26 +49,59 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def quiet_libraries() -> None:
+    """Keep library noise (FutureWarnings, dataset-map bars, load reports) out of normal output;
+    ``--verbose`` keeps it."""
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(transformers|trl|torch|peft|accelerate)\b.*")
+    for name in ("transformers", "trl", "peft", "accelerate", "datasets", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cai", description="Constitutional AI, stage by stage.")
     parser.add_argument("--version", action="version", version=f"constitutional {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="run the pipeline's stages in order and write manifest.json")
+    p = sub.add_parser("run", help="run the pipeline's stages in order, skipping finished ones, and write "
+                       "manifest.json and report.html")
     p.add_argument("config", help="pipeline YAML (e.g. configs/smollm2-cpu.yaml)")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--stages", help=f"comma-separated subset of: {','.join(STAGES)}")
+    p.add_argument("--stages", help=f"comma-separated subset of: {','.join(STAGES)} (default: every stage the "
+                   f"config uses)")
+    p.add_argument("--force", metavar="STAGE", help="rerun this stage and every later one from scratch")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. critique_revise.rounds=3")
+    p.add_argument("--verbose", action="store_true", help="show library warnings and progress bars")
     p.set_defaults(func=_cmd_run)
 
-    for stage, (command, module) in STAGE_MODULES.items():
+    for stage, (command, module, _) in STAGE_MODULES.items():
         doc = importlib.import_module(module).__doc__.strip().splitlines()[0]
         p = sub.add_parser(command, help=doc, description=doc)
         p.add_argument("--config", help="pipeline YAML (default: built-in defaults)")
         p.add_argument("--out", required=True, help="run directory")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help=f"override a config field, e.g. {stage}.limit=8")
+        p.add_argument("--verbose", action="store_true", help="show library warnings and progress bars")
         p.set_defaults(func=_cmd_stage, stage=stage)
 
     p = sub.add_parser("label-eval", help="accuracy, calibration and position bias of each labelling method")
@@ -120,24 +144,32 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_stage(args) -> int:
     config = load_config(args.config, args.set)
-    _run_stages(config, Path(args.out), [args.stage], args.config)
+    _run_stages(config, Path(args.out), [args.stage], args.config, skip_done=False)
     return 0
 
 
 def _cmd_run(args) -> int:
+    from constitutional.pipeline import stages_needed
+
     config = load_config(args.config, args.set)
-    stages = list(STAGES)
+    stages = stages_needed(config)
     if args.stages:
         stages = [s.strip().replace("-", "_") for s in args.stages.split(",") if s.strip()]
         for s in stages:
             if s not in STAGES:
                 raise CaiError(f"--stages: unknown stage {s!r} (stages: {', '.join(STAGES)})")
+    force = None
+    if args.force:
+        force = args.force.strip().replace("-", "_")
+        if force not in STAGES:
+            raise CaiError(f"--force: unknown stage {args.force!r} (stages: {', '.join(STAGES)})")
     out = Path(args.out)
-    _run_stages(config, out, stages, args.config)
+    start = time.time()
+    _run_stages(config, out, stages, args.config, force)
     from constitutional.report import write_report
 
     print(f"report: {write_report(out).resolve()}")
-    print(f"results: {out.resolve()}")
+    print(f"results: {out.resolve()} ({time.time() - start:.0f} s)")
     return 0
 
 
@@ -220,38 +252,12 @@ def _cmd_fetch_model(args) -> int:
     return 0
 
 
-def _run_stages(config: PipelineConfig, out: Path, stages: list[str], config_path) -> None:
-    """Run stages in order, keeping ``out/manifest.json`` up to date after each one."""
-    out.mkdir(parents=True, exist_ok=True)
-    manifest_path = out / "manifest.json"
-    manifest = {
-        "config": config.to_dict(),
-        "config_file": str(config_path) if config_path else None,
-        "versions": _versions(),
-        "stages": {},
-    }
-    if manifest_path.exists():  # keep the record of stages run before
-        try:
-            manifest["stages"] = json.loads(manifest_path.read_text()).get("stages", {})
-        except (json.JSONDecodeError, AttributeError):
-            pass
-    for stage in stages:
-        module = importlib.import_module(STAGE_MODULES[stage][1])
-        entry = {"status": "running", "started": datetime.now(UTC).isoformat(timespec="seconds")}
-        manifest["stages"][stage] = entry
-        write_json(manifest_path, manifest)
-        start = time.time()
-        try:
-            summary = module.run(config, out)
-        except BaseException as e:
-            entry.update(status="failed", seconds=round(time.time() - start, 2),
-                         error=str(e).splitlines()[0] if str(e) else type(e).__name__)
-            write_json(manifest_path, manifest)
-            raise
-        entry.update(status="done", seconds=round(time.time() - start, 2), summary=summary)
-        write_json(manifest_path, manifest)
-        if "output" in summary:
-            print(f"{stage}: {Path(summary['output']).resolve()}")
+def _run_stages(config: PipelineConfig, out: Path, stages: list[str], config_path, force: str | None = None,
+                skip_done: bool = True) -> None:
+    """Run stages in order (skipping finished, unchanged ones), keeping ``out/manifest.json`` up to date."""
+    from constitutional.pipeline import run_stages
+
+    run_stages(config, out, stages, config_path, force, versions=_versions(), skip_done=skip_done)
 
 
 def _versions() -> dict:

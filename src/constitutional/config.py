@@ -112,6 +112,8 @@ class SftConfig:
     lora_alpha: LoRA scaling numerator.
     lora_dropout: dropout on the LoRA input.
     save_steps: write a checkpoint every this many steps (a rerun resumes from the last one).
+    keep_checkpoints: checkpoints kept while training (the newest ones); all go when the stage finishes,
+        unless ``keep_optimizer_state``.
     tensorboard: also write TensorBoard logs to sft/tensorboard/.
     generate_batch_size: chats per forward pass when generating helpfulness samples.
     device: ``auto`` (cuda if available), ``cpu`` or ``cuda``.
@@ -139,6 +141,7 @@ class SftConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     save_steps: int = 10
+    keep_checkpoints: int = 1
     tensorboard: bool = False
     generate_batch_size: int = 32
     device: str = "auto"
@@ -148,6 +151,7 @@ class SftConfig:
         _require(0 <= self.helpful_fraction < 1, "sft.helpful_fraction", "must be in [0, 1)")
         _require(0 <= self.heldout_fraction < 1, "sft.heldout_fraction", "must be in [0, 1)")
         _require(self.helpful_candidates >= 1, "sft.helpful_candidates", "must be at least 1")
+        _require(self.keep_checkpoints >= 1, "sft.keep_checkpoints", "must be at least 1")
         _require(self.epochs > 0, "sft.epochs", "must be more than 0")
         _require(self.max_steps is None or self.max_steps >= 1, "sft.max_steps", "must be at least 1")
         _require(self.learning_rate > 0, "sft.learning_rate", "must be more than 0")
@@ -250,6 +254,8 @@ class PmConfig:
     batch_size: pairs per optimizer step.
     max_length: pairs longer than this many tokens are left out.
     save_steps: write a checkpoint every this many steps (a rerun resumes from the last one).
+    keep_checkpoints: checkpoints kept while training (the newest ones); all go when the stage finishes,
+        unless ``keep_optimizer_state``.
     device: ``auto`` (cuda if available), ``cpu`` or ``cuda``.
     """
 
@@ -264,9 +270,11 @@ class PmConfig:
     batch_size: int = 8
     max_length: int = 512
     save_steps: int = 10
+    keep_checkpoints: int = 1
     device: str = "auto"
 
     def check(self) -> None:
+        _require(self.keep_checkpoints >= 1, "pm.keep_checkpoints", "must be at least 1")
         _require(0 <= self.helpful_fraction < 1, "pm.helpful_fraction", "must be in [0, 1)")
         _require(0 <= self.heldout_fraction < 1, "pm.heldout_fraction", "must be in [0, 1)")
         _require(self.epochs > 0, "pm.epochs", "must be more than 0")
@@ -457,6 +465,9 @@ class PipelineConfig:
 
     seed: seeds principle draws, few-shot draws and sampling in every stage.
     constitution: a built-in name (``default``), a YAML/JSON path, or a list of paths merged.
+    keep_optimizer_state: keep the training stages' last checkpoint (weights and optimizer state) when they
+        finish, so that more epochs or steps continue them exactly; by default a finished stage keeps only
+        its model (and RL its step snapshots), which saves gigabytes.
     critique_revise: stage 1 settings.
     sft: stage 2 settings.
     label: stage 3 settings.
@@ -467,6 +478,7 @@ class PipelineConfig:
 
     seed: int = 0
     constitution: str | list[str] = "default"
+    keep_optimizer_state: bool = False
     critique_revise: CritiqueReviseConfig = field(default_factory=CritiqueReviseConfig)
     sft: SftConfig = field(default_factory=SftConfig)
     label: LabelConfig = field(default_factory=LabelConfig)

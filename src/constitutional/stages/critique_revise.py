@@ -45,8 +45,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
+from constitutional import progress
 from constitutional.backends.base import Backend, SamplingParams
 from constitutional.config import PipelineConfig
 from constitutional.constitution import FeedbackPrinciple, Principle, load_constitution, sample_principles
@@ -73,6 +72,8 @@ from constitutional.records import (
 )
 
 STAGE_DIR = "critique_revise"
+# settings that may change between runs into the same directory: the stage takes up where it stopped
+FREE_SETTINGS = {"limit", "batch_size", "device"}
 OUTPUT = "revisions.jsonl"
 
 
@@ -146,7 +147,7 @@ def run(config: PipelineConfig, out_dir: str | Path, backend: Backend | None = N
     pool = load_fewshot(cfg.fewshot_file)
     prompts = load_prompts(cfg.prompts, cfg.split, cfg.limit)
     check_resume_settings(stage_dir, {**asdict(cfg), "seed": config.seed, "constitution": config.constitution},
-                          free={"limit", "batch_size", "device"})
+                          free=FREE_SETTINGS)
     writer = JsonlAppender(out_path)
     if writer.repaired_bytes:
         _log(f"cut a torn last line ({writer.repaired_bytes} bytes) from {out_path}")
@@ -196,8 +197,7 @@ def run(config: PipelineConfig, out_dir: str | Path, backend: Backend | None = N
         if select:
             per_prompt = (cfg.initial_candidates + cfg.rounds * (1 + cfg.candidates)
                           + (cfg.rounds + 1) * cfg.follows_candidates)
-        bar = tqdm(total=len(fits) * per_prompt, desc="critique-revise", unit="gen",
-                   file=sys.stderr, dynamic_ncols=True)
+        bar = progress.bar(len(fits) * per_prompt, "critique-revise", "gen")
 
         def on_batch(chats: int, batch_tokens: int) -> None:
             nonlocal tokens

@@ -57,6 +57,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from constitutional import progress
 from constitutional.config import PipelineConfig
 from constitutional.constitution import FeedbackPrinciple, load_constitution, sample_principles
 from constitutional.datasets import PromptRow, load_prompts
@@ -66,6 +67,9 @@ from constitutional.models import check_model_spec
 from constitutional.records import JsonlAppender, check_resume_settings, read_jsonl, write_json
 
 STAGE_DIR = "evaluate"
+# settings that may change between runs into the same directory: cached responses and scores are reused
+FREE_SETTINGS = {"snapshots", "extra_models", "limit", "sampled", "elo", "second_opinion", "pm", "use_pm",
+                 "bootstrap_samples", "judge_pairs", "batch_size", "device"}
 KINDS = ("red-team", "helpful")  # prompt sets; their principle kinds are harmless / helpful
 PRINCIPLE_KIND = {"red-team": "harmless", "helpful": "helpful"}
 AXIS = {"red-team": "harmlessness", "helpful": "helpfulness"}
@@ -280,8 +284,6 @@ def _rewrite_without(path: Path, drop) -> None:
 
 
 def _generate_responses(snapshots, prompts, decodings, cfg, seed: int, factory, path: Path) -> None:
-    from tqdm.auto import tqdm
-
     from constitutional.backends.base import SamplingParams
 
     writer = JsonlAppender(path)
@@ -290,7 +292,7 @@ def _generate_responses(snapshots, prompts, decodings, cfg, seed: int, factory, 
     total = sum(len(v) for v in todo.values())
     if not total:
         return
-    bar = tqdm(total=total, desc="evaluate: responses", unit="resp", file=sys.stderr, dynamic_ncols=True)
+    bar = progress.bar(total, "evaluate: responses", "resp")
     with writer:
         for snap in snapshots:
             items = todo[snap.name]
@@ -331,8 +333,6 @@ def _missing_scores(path: Path, stage_dir: Path, responses: dict, settings: dict
 
 def _score_responses(rows: list[dict], principles: dict, judge, pm_dir: Path | None, cfg, reduce: str,
                      path: Path) -> None:
-    from tqdm.auto import tqdm
-
     from constitutional import feedback
 
     pm = None
@@ -340,7 +340,7 @@ def _score_responses(rows: list[dict], principles: dict, judge, pm_dir: Path | N
         from constitutional.stages.rl import PMReward
 
         pm = PMReward(pm_dir, cfg.device, batch_size=cfg.batch_size)
-    bar = tqdm(total=len(rows), desc="evaluate: scores", unit="resp", file=sys.stderr, dynamic_ncols=True)
+    bar = progress.bar(len(rows), "evaluate: scores", "resp")
     # Chunks group all snapshots' responses to the same prompts, so each head (system prompt +
     # prompt) is read once for all of them.
     rows = sorted(rows, key=lambda r: (r["kind"], r["prompt_id"], r["id"]))

@@ -34,8 +34,7 @@ import zlib
 from dataclasses import asdict
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
+from constitutional import progress
 from constitutional.config import PipelineConfig
 from constitutional.constitution import load_constitution, sample_principles
 from constitutional.errors import CaiError
@@ -43,6 +42,8 @@ from constitutional.models import check_model_spec
 from constitutional.records import JsonlAppender, check_resume_settings, read_jsonl, write_json
 
 STAGE_DIR = "label"
+# settings that may change between runs into the same directory: the stage takes up where it stopped
+FREE_SETTINGS = {"limit", "helpful_limit", "batch_size", "device"}
 OUTPUT = "comparisons.jsonl"
 
 
@@ -75,7 +76,7 @@ def run(config: PipelineConfig, out_dir: str | Path, policy_backend=None, feedba
         tasks += [(p, "helpful") for p in load_prompts(cfg.helpful_prompts, cfg.split, cfg.helpful_limit)]
     check_resume_settings(stage_dir, {**asdict(cfg), "policy": policy_spec, "feedback_model": feedback_spec,
                                       "seed": config.seed, "constitution": config.constitution},
-                          free={"limit", "helpful_limit", "batch_size", "device"})
+                          free=FREE_SETTINGS)
     writer = JsonlAppender(stage_dir / OUTPUT)
     todo = [(p, kind) for p, kind in tasks if p.id not in writer.done_ids]
     _log(f"label: {len(tasks)} prompts, {len(tasks) - len(todo)} already labelled, {len(todo)} to do; "
@@ -100,7 +101,7 @@ def run(config: PipelineConfig, out_dir: str | Path, policy_backend=None, feedba
             _log(f"contrast temperature fitted on the shipped eval pairs: {temperature:.4f}")
         from constitutional.backends.base import SamplingParams
 
-        bar = tqdm(total=len(todo), desc="label", unit="cmp", file=sys.stderr, dynamic_ncols=True)
+        bar = progress.bar(len(todo), "label", "cmp")
         with writer:
             for i in range(0, len(todo), cfg.batch_size):
                 chunk = todo[i:i + cfg.batch_size]

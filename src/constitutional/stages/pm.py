@@ -32,12 +32,15 @@ import zlib
 from dataclasses import asdict
 from pathlib import Path
 
+from constitutional import progress
 from constitutional.config import PipelineConfig
 from constitutional.errors import CaiError
 from constitutional.models import check_model_spec
 from constitutional.records import check_resume_settings, iter_jsonl, write_json
 
 STAGE_DIR = "pm"
+# settings that may change between runs into the same directory: the stage takes up where it stopped
+FREE_SETTINGS = {"epochs", "max_steps", "save_steps", "device"}
 
 
 # ------------------------------------------------------------------ the loss
@@ -230,7 +233,7 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
     base = cfg.base or str(out_dir / "sft" / "model")
     check_model_spec(base, "pm.base")
     check_resume_settings(stage_dir, {**asdict(cfg), "base": base, "seed": config.seed},
-                          free={"epochs", "max_steps", "save_steps", "device"})
+                          free=FREE_SETTINGS)
     train, heldout = split_by_prompt(rows, cfg.heldout_fraction, config.seed)
     if extra:
         extra_train, extra_held = split_by_prompt(extra, cfg.heldout_fraction, config.seed)
@@ -264,12 +267,12 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
         output_dir=str(stage_dir / "checkpoints"), num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps if cfg.max_steps is not None else -1, learning_rate=cfg.learning_rate,
         lr_scheduler_type="cosine", warmup_steps=0.1, per_device_train_batch_size=cfg.batch_size,
-        max_length=cfg.max_length, logging_steps=1, save_steps=cfg.save_steps, save_total_limit=2,
+        max_length=cfg.max_length, logging_steps=1, save_steps=cfg.save_steps, save_total_limit=cfg.keep_checkpoints,
         report_to="none", use_cpu=device == "cpu", bf16=False, fp16=False, seed=config.seed,
-        dataloader_num_workers=0, center_rewards_coefficient=None,
+        dataloader_num_workers=0, center_rewards_coefficient=None, gradient_checkpointing=False, disable_tqdm=True,
     )
     trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                               callbacks=callbacks or [])
+                               callbacks=[progress.trainer_bar("train-pm"), *(callbacks or [])])
     checkpoints = stage_dir / "checkpoints"
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if last:
@@ -277,6 +280,10 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
     result = trainer.train(resume_from_checkpoint=last)
 
     final_dir = save_model_dir(trainer.model, tokenizer, stage_dir / "model")
+    if not config.keep_optimizer_state:
+        from constitutional.stages.sft import drop_checkpoints
+
+        drop_checkpoints(checkpoints)
 
     pm = PreferenceModel(final_dir, device=device)
     metrics = _evaluate(pm, train, heldout)

@@ -51,6 +51,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from constitutional import progress
 from constitutional.config import PipelineConfig, RlConfig
 from constitutional.datasets import PromptRow, load_prompts
 from constitutional.errors import CaiError
@@ -58,6 +59,8 @@ from constitutional.models import check_model_spec
 from constitutional.records import check_resume_settings, iter_jsonl, write_json
 
 STAGE_DIR = "rl"
+# settings that may change between runs into the same directory: the stage takes up where it stopped
+FREE_SETTINGS = {"steps", "save_steps", "eval_prompts", "tensorboard", "device"}
 
 # reward_fn(prompts as chats, responses as text) -> one reward per response
 RewardFn = Callable[[list[list[dict]], list[str]], list[float]]
@@ -228,7 +231,7 @@ def run(config: PipelineConfig, out_dir: str | Path, reward_fn: RewardFn | None 
         raise CaiError(f"rl.prompts {cfg.prompts!r}: no prompts in the train split")
     check_resume_settings(stage_dir, {**asdict(cfg), "policy": policy_spec, "reward_model": str(pm_dir),
                                       "feedback_model": feedback_spec, "seed": config.seed},
-                          free={"steps", "save_steps", "eval_prompts", "tensorboard", "device"})
+                          free=FREE_SETTINGS)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -274,6 +277,9 @@ def run(config: PipelineConfig, out_dir: str | Path, reward_fn: RewardFn | None 
                                         metrics_log, on_step)
     metrics_log.close()
     final_dir = save_snapshot(final_model, tokenizer, stage_dir / "model")
+    last_row = list(iter_jsonl(metrics_log.path))[-1:] if metrics_log.path.exists() else []
+    if not config.keep_optimizer_state:
+        tidy_checkpoints(stage_dir, last_row[0]["step"] if last_row else None)
 
     summary: dict = {"algo": cfg.algo, "reward": cfg.reward if cfg.algo != "dpo" else None, "policy": policy_spec,
                      "reward_model": str(pm_dir) if cfg.reward == "pm" and pm_found else None,
@@ -340,7 +346,6 @@ def _run_ppo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, red_team, he
              stage_dir: Path, device: str, metrics_log: MetricsLog, on_step) -> tuple[object, int | None]:
     import torch
     from safetensors.torch import load_file, save_file
-    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
     from constitutional import ppo
@@ -374,8 +379,8 @@ def _run_ppo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, red_team, he
         _log(f"resuming from {last}")
     metrics_log.keep_steps_up_to(done)
 
-    bar = tqdm(range(done + 1, cfg.steps + 1), desc="rl (ppo)", unit="step", initial=done, total=cfg.steps)
-    for step in bar:
+    bar = progress.bar(cfg.steps, "rl (ppo)", "step", initial=done)
+    for step in range(done + 1, cfg.steps + 1):
         t0 = time.time()
         torch.manual_seed(seed * 1_000_003 + step)  # sampling and minibatch order: a function of the step
         prompts = step_prompts(red_team, helpful, step, cfg.prompts_per_step, cfg.helpful_share, seed)
@@ -403,6 +408,7 @@ def _run_ppo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, red_team, he
             save_checkpoint(policy, tokenizer, stage_dir / "checkpoints", step, extra)
         if on_step:
             on_step(step, row)
+        bar.update(1)
     bar.close()
     final = policy.merge_and_unload() if cfg.lora else policy
     return final, (done or None)
@@ -464,12 +470,12 @@ def _run_rloo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, red_team, h
         top_p=cfg.top_p, beta=cfg.kl_coef, epsilon=cfg.clip_range, max_grad_norm=cfg.max_grad_norm,
         shuffle_dataset=False, disable_dropout=True, logging_steps=1, save_steps=cfg.save_steps,
         save_total_limit=1, report_to="none", use_cpu=device == "cpu", bf16=False, fp16=False, seed=seed,
-        dataloader_num_workers=0, log_completions=False,
+        dataloader_num_workers=0, log_completions=False, gradient_checkpointing=False, disable_tqdm=True,
         generation_kwargs={"min_new_tokens": cfg.min_new_tokens} if cfg.min_new_tokens else None,
     )
     model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
     trainer = RLOOTrainer(model=model, reward_funcs=[pm_reward], args=args, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[Log()],
+                          processing_class=tokenizer, callbacks=[progress.trainer_bar("rl (rloo)"), Log()],
                           peft_config=_lora_config(cfg) if cfg.lora else None)
     if last:
         _log(f"resuming from {last}")
@@ -521,12 +527,13 @@ def _run_dpo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, comparisons:
         beta=cfg.dpo_beta, loss_type=["exo_pair" if cfg.dpo_loss == "soft" else "sigmoid"],
         max_grad_norm=cfg.max_grad_norm, logging_steps=1, save_steps=cfg.save_steps, save_total_limit=1,
         report_to="none", use_cpu=device == "cpu", bf16=False, fp16=False, seed=seed, dataloader_num_workers=0,
-        gradient_checkpointing=False, max_length=1024,
+        gradient_checkpointing=False, max_length=1024, disable_tqdm=True,
         label_smoothing=0.1 if cfg.dpo_loss == "soft" else 0.0,  # replaced row by row (EXO needs it above 0)
     )
     model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
     trainer = _soft_dpo_trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                                        callbacks=[Log()], peft_config=_lora_config(cfg) if cfg.lora else None)
+                                        callbacks=[progress.trainer_bar("rl (dpo)"), Log()],
+                                        peft_config=_lora_config(cfg) if cfg.lora else None)
     if last:
         _log(f"resuming from {last}")
     trainer.train(resume_from_checkpoint=last)
@@ -659,6 +666,19 @@ def save_checkpoint(model, tokenizer, checkpoints: Path, step: int, extra=None) 
         if older != dest and (older / "optimizer.safetensors").exists():
             (older / "optimizer.safetensors").unlink()
     return dest
+
+
+def tidy_checkpoints(stage_dir: Path, final_step: int | None) -> None:
+    """When the stage is done: drop the optimizer state (``optimizer.safetensors``, the value head,
+    TRL's ``trainer/`` checkpoints) and the step snapshot that holds the same weights as ``rl/model``.
+    The other ``checkpoints/step-N`` stay, as plain models for the evaluation against RL step."""
+    shutil.rmtree(stage_dir / "trainer", ignore_errors=True)
+    for d in (stage_dir / "checkpoints").glob("step-*"):
+        if final_step is not None and d.name == f"step-{final_step}":
+            shutil.rmtree(d)
+            continue
+        for name in ("optimizer.safetensors", "value_head.safetensors", "state.json"):
+            (d / name).unlink(missing_ok=True)
 
 
 def last_checkpoint(checkpoints: Path, need: str) -> Path | None:

@@ -33,11 +33,14 @@ import zlib
 from dataclasses import asdict
 from pathlib import Path
 
+from constitutional import progress
 from constitutional.config import PipelineConfig
 from constitutional.errors import CaiError
 from constitutional.records import JsonlAppender, check_resume_settings, iter_jsonl, write_json
 
 STAGE_DIR = "sft"
+# settings that may change between runs into the same directory: the stage takes up where it stopped
+FREE_SETTINGS = {"epochs", "max_steps", "save_steps", "tensorboard", "generate_batch_size", "device"}
 
 
 # ----------------------------------------------------------------- data (pure)
@@ -185,7 +188,7 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
                            f"of kind 'helpful' to choose helpfulness samples with")
         feedback.check_contrast_principles(helpful_principles)
     check_resume_settings(stage_dir, {**asdict(cfg), "model": model_spec, "seed": config.seed},
-                          free={"epochs", "max_steps", "save_steps", "tensorboard", "generate_batch_size", "device"})
+                          free=FREE_SETTINGS)
     n_helpful = helpful_count(len(rev_train), cfg.helpful_fraction)
     _log(f"sft: {len(rev_train)} revisions to train on, {len(rev_held)} held out, "
          f"{degenerate} degenerate left out; {n_helpful} helpfulness examples to mix in")
@@ -246,6 +249,8 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
         trained = trained.merge_and_unload()
     trained.eval()
     final_dir = save_model_dir(trained, tokenizer, stage_dir / "model")
+    if not config.keep_optimizer_state:
+        drop_checkpoints(checkpoint_dir)
 
     after_backend = HFBackend(str(final_dir), model_obj=trained, tokenizer=backend.tokenizer,
                               batch_size=cfg.generate_batch_size, device=device, name=str(final_dir))
@@ -283,8 +288,6 @@ def _helpful_samples(cfg, seed: int, backend, stage_dir: Path, needed: int, scor
     With ``helpful_candidates: k > 1``, k answers are sampled per prompt and ``scorer`` (the
     feedback model) keeps the one that best follows a helpful principle drawn for the prompt.
     """
-    from tqdm.auto import tqdm
-
     from constitutional import feedback
     from constitutional.backends.base import SamplingParams
     from constitutional.constitution import sample_principles
@@ -301,7 +304,7 @@ def _helpful_samples(cfg, seed: int, backend, stage_dir: Path, needed: int, scor
     todo = [p for p in prompts if p.id not in writer.done_ids]
     k = cfg.helpful_candidates
     if todo:
-        bar = tqdm(total=len(todo) * k, desc="helpful samples", unit="chat", file=sys.stderr, dynamic_ncols=True)
+        bar = progress.bar(len(todo) * k, "sft: helpful samples", "chat")
         with writer:
             for i in range(0, len(todo), cfg.generate_batch_size):
                 chunk = todo[i:i + cfg.generate_batch_size]
@@ -355,16 +358,17 @@ def _trainer(cfg, seed: int, model, tokenizer, rows: list[dict], stage_dir: Path
         completion_only_loss=True,
         logging_steps=1,
         save_steps=cfg.save_steps,
-        save_total_limit=2,
+        save_total_limit=cfg.keep_checkpoints,
+        gradient_checkpointing=False,  # a small model fits without it, and recomputing costs a third more time
         report_to="none",  # TensorBoard, when asked for, is added below with our own log dir
         use_cpu=device == "cpu",
         bf16=False,
         fp16=False,
         seed=seed,
-        disable_tqdm=False,
+        disable_tqdm=True,  # progress.trainer_bar shows the steps instead
         dataloader_num_workers=0,
     )
-    callbacks = list(callbacks)
+    callbacks = [progress.trainer_bar("sft: training"), *callbacks]
     if cfg.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
@@ -378,6 +382,15 @@ def _trainer(cfg, seed: int, model, tokenizer, rows: list[dict], stage_dir: Path
                                  target_modules="all-linear", task_type="CAUSAL_LM")
     return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                       peft_config=peft_config, callbacks=callbacks)
+
+
+def drop_checkpoints(checkpoint_dir: Path) -> None:
+    """Remove a finished stage's trainer checkpoints (weights + optimizer state: gigabytes for a
+    135M model); the model directory is then the only copy of the weights."""
+    import shutil
+
+    if checkpoint_dir.is_dir():
+        shutil.rmtree(checkpoint_dir)
 
 
 def _fmt(value: float | None) -> str:

@@ -1,0 +1,262 @@
+"""``cai run``: the stages in order, skipping what is done, redoing what changed.
+
+Each stage's **settings** are the config fields it reads (its own section, the seed, the
+constitution, the fields of other sections it uses) plus the content hash of every input file
+they name (constitution, prompt, few-shot and data files). A stage's **key** chains its settings
+with the key of the stage before it, so a change anywhere reaches every later stage:
+
+* a finished stage whose key is unchanged is skipped (a second ``cai run`` takes about a second);
+* a stage whose only changes are its "free" settings (``limit``, ``steps``, ``batch_size``,
+  ``device``, ...: those a stage can take up where it stopped, see each module's ``FREE_SETTINGS``),
+  or that was interrupted, resumes in place;
+* any other change (its own settings, or anything upstream) removes the stage's directory and
+  runs it afresh, and the same follows for every stage after it;
+* ``--force STAGE`` reruns that stage and every later one from scratch.
+
+``manifest.json`` keeps, per stage, the status, key, wall time and summary; it is first written
+only after the config and every input file have been checked (``validate_inputs``), so a bad
+input leaves no run directory behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+from constitutional.config import STAGES, PipelineConfig
+from constitutional.errors import CaiError
+from constitutional.records import write_json
+
+# stage name in configs -> (CLI subcommand, module, directory in the run)
+STAGE_MODULES = {
+    "critique_revise": ("critique-revise", "constitutional.stages.critique_revise", "critique_revise"),
+    "sft": ("sft", "constitutional.stages.sft", "sft"),
+    "label": ("label", "constitutional.stages.label", "label"),
+    "pm": ("train-pm", "constitutional.stages.pm", "pm"),
+    "rl": ("rl", "constitutional.stages.rl", "rl"),
+    "evaluate": ("evaluate", "constitutional.stages.evaluate", "evaluate"),
+}
+
+
+def stages_needed(config: PipelineConfig) -> list[str]:
+    """The stages ``cai run`` runs by default: all of them, but the PM only when something uses it
+    (RL with ``reward: pm`` and PPO or RLOO)."""
+    uses_pm = config.rl.algo in ("ppo", "rloo") and config.rl.reward == "pm"
+    return [s for s in STAGES if s != "pm" or uses_pm]
+
+
+def stage_settings(config: PipelineConfig, stage: str) -> dict:
+    """Every config field ``stage`` reads, as plain data."""
+    c = config
+    reads: dict = {"seed": c.seed, "constitution": c.constitution, stage: asdict(getattr(c, stage))}
+    scoring = {k: v for k, v in asdict(c.label).items() if k.startswith("contrast") or k == "feedback_model"}
+    if stage == "critique_revise":
+        cr = c.critique_revise
+        if cr.candidates > 1 or cr.initial_candidates > 1 or cr.follows_candidates > 0:
+            reads["label"] = scoring
+    elif stage == "sft":
+        reads["critique_revise.model"] = c.critique_revise.model
+        if c.sft.helpful_candidates > 1:
+            reads["label"] = scoring
+    elif stage == "label":
+        reads["critique_revise.model"] = c.critique_revise.model
+    elif stage == "rl":
+        reads["critique_revise.model"] = c.critique_revise.model
+        reads["label"] = scoring
+    elif stage == "evaluate":
+        reads["label"] = asdict(c.label)
+        reads["critique_revise.model"] = c.critique_revise.model
+        reads["sft.model"] = c.sft.model
+    return reads
+
+
+def file_hashes(settings) -> dict[str, str]:
+    """SHA-256 of every existing file named by a string anywhere in ``settings``."""
+    found: dict[str, str] = {}
+
+    def walk(value) -> None:
+        if isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list | tuple):
+            for v in value:
+                walk(v)
+        elif isinstance(value, str) and ("/" in value or "." in value) and len(value) < 4096:
+            path = Path(value).expanduser()
+            try:
+                if path.is_file():
+                    found[value] = hashlib.sha256(path.read_bytes()).hexdigest()
+            except OSError:
+                pass
+
+    walk(settings)
+    return found
+
+
+def _digest(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plan(config: PipelineConfig) -> dict[str, dict]:
+    """Per stage (all of them, in order): its ``key`` (chained), ``strict`` (settings less the free
+    ones) and ``upstream`` (the key of the stage before). A stage the config does not need (the PM
+    when nothing uses it) gets a key but does not pass it on."""
+    from constitutional import __version__
+
+    out = {}
+    needed = stages_needed(config)
+    upstream = _digest({"version": __version__})
+    for stage in STAGES:
+        settings = stage_settings(config, stage)
+        module = importlib.import_module(STAGE_MODULES[stage][1])
+        free = getattr(module, "FREE_SETTINGS", set())
+        own = settings[stage]
+        strict = {**settings, stage: {k: v for k, v in own.items() if k not in free}}
+        files = file_hashes(settings)
+        key = _digest({"settings": settings, "files": files, "upstream": upstream})
+        out[stage] = {"key": key, "strict": _digest({"strict": strict, "files": files}), "upstream": upstream}
+        if stage in needed:
+            upstream = key
+    return out
+
+
+def validate_inputs(config: PipelineConfig, stages: list[str]) -> None:
+    """Check the constitution and every prompt, few-shot and data file the stages will read,
+    so that bad input stops the run before any directory, manifest or model exists."""
+    from constitutional.constitution import load_constitution
+    from constitutional.datasets import load_prompts
+    from constitutional.prompts import load_fewshot
+
+    load_constitution(config.constitution)
+    c = config
+    if "critique_revise" in stages:
+        load_prompts(c.critique_revise.prompts, c.critique_revise.split, c.critique_revise.limit)
+        load_fewshot(c.critique_revise.fewshot_file)
+    if "sft" in stages:
+        if c.sft.helpful_data:
+            from constitutional.stages.sft import load_chat_file
+
+            load_chat_file(Path(c.sft.helpful_data))
+        else:
+            load_prompts(c.sft.helpful_prompts, "train")
+        if c.sft.revisions:
+            from constitutional.stages.sft import load_revision_chats
+
+            load_revision_chats(Path(c.sft.revisions))
+    if "label" in stages:
+        from constitutional.feedback import load_label_fewshot
+
+        load_prompts(c.label.prompts, c.label.split, c.label.limit)
+        if c.label.helpful_prompts:
+            load_prompts(c.label.helpful_prompts, c.label.split, c.label.helpful_limit)
+        if c.label.method == "multiple_choice":
+            load_label_fewshot(c.label.fewshot_file)
+    if "pm" in stages:
+        from constitutional.stages.pm import load_comparisons
+
+        for path in (c.pm.comparisons, c.pm.helpful_data):
+            if path:
+                load_comparisons(Path(path))
+    if "rl" in stages:
+        load_prompts(c.rl.prompts, "train", c.rl.limit)
+        if c.rl.helpful_prompts:
+            load_prompts(c.rl.helpful_prompts, "train")
+        if c.rl.algo == "dpo" and c.rl.comparisons:
+            from constitutional.stages.pm import load_comparisons
+
+            load_comparisons(Path(c.rl.comparisons))
+    if "evaluate" in stages:
+        from constitutional.models import check_model_spec
+
+        load_prompts(c.evaluate.red_team_prompts, "heldout", c.evaluate.limit)
+        load_prompts(c.evaluate.helpful_prompts, "heldout", c.evaluate.limit)
+        for name, spec in c.evaluate.extra_models.items():
+            check_model_spec(spec, f"evaluate.extra_models.{name}")
+        if c.evaluate.snapshots is not None and not c.evaluate.snapshots and not c.evaluate.extra_models:
+            raise CaiError("evaluate: the config names no snapshots to evaluate (set evaluate.snapshots or "
+                           "evaluate.extra_models)")
+
+
+def _fmt_seconds(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}:{secs:02d}"
+
+
+def run_stages(config: PipelineConfig, out: Path, stages: list[str], config_path, force: str | None = None,
+               versions: dict | None = None, skip_done: bool = True) -> dict:
+    """Run ``stages`` in order into ``out``, keeping ``manifest.json`` up to date; return the manifest.
+
+    ``skip_done=False`` (a single-stage command such as ``cai sft``) always runs the stage, in place:
+    it resumes what is there, and the stage itself refuses output made with other settings.
+    """
+    from constitutional import progress
+
+    validate_inputs(config, stages)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / "manifest.json"
+    previous: dict = {}
+    if manifest_path.exists():
+        try:
+            previous = json.loads(manifest_path.read_text()).get("stages", {}) or {}
+        except (json.JSONDecodeError, AttributeError):
+            previous = {}
+    manifest = {"config": config.to_dict(), "config_file": str(config_path) if config_path else None,
+                "versions": versions or {}, "stages": dict(previous)}
+    keys = plan(config)
+    forced = set(STAGES[STAGES.index(force):]) if force else set()
+    run_start = time.time()
+    say = _say if skip_done else (lambda message: None)  # a single-stage command speaks for itself
+    for index, stage in enumerate(stages, 1):
+        module = importlib.import_module(STAGE_MODULES[stage][1])
+        stage_dir = out / STAGE_MODULES[stage][2]
+        entry = previous.get(stage) or {}
+        k = keys[stage]
+        label = f"[{index}/{len(stages)}] {stage}"
+        if skip_done and stage not in forced and entry.get("status") == "done" and entry.get("key") == k["key"]:
+            say(f"{label}: unchanged since the last run, skipped")
+            continue
+        resumable = not skip_done or (stage not in forced and entry.get("upstream") == k["upstream"]
+                                      and entry.get("strict") == k["strict"])
+        if stage_dir.exists() and not resumable:
+            why = "forced" if stage in forced else ("inputs changed" if entry.get("upstream") != k["upstream"]
+                                                    else "settings changed")
+            say(f"{label}: {why}: starting it again (removing {stage_dir})")
+            shutil.rmtree(stage_dir)
+        elif stage_dir.exists():
+            say(f"{label}: resuming where it stopped")
+        say(f"{label}: started (run elapsed {_fmt_seconds(time.time() - run_start)})")
+        new = {"status": "running", "started": datetime.now(UTC).isoformat(timespec="seconds"), **k}
+        manifest["stages"][stage] = new
+        write_json(manifest_path, manifest)
+        start = time.time()
+        if skip_done:
+            progress.set_stage(index, len(stages), stage)
+        try:
+            summary = module.run(config, out)
+        except KeyboardInterrupt:
+            new.update(status="interrupted", seconds=round(time.time() - start, 2))
+            write_json(manifest_path, manifest)
+            raise
+        except BaseException as e:
+            new.update(status="failed", seconds=round(time.time() - start, 2),
+                       error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+            write_json(manifest_path, manifest)
+            raise
+        finally:
+            progress.set_stage(None)
+        new.update(status="done", seconds=round(time.time() - start, 2), summary=summary)
+        write_json(manifest_path, manifest)
+        where = f": {Path(summary['output']).resolve()}" if "output" in summary else ""
+        say(f"{label}: done in {_fmt_seconds(time.time() - start)}{where}")
+    return manifest
+
+
+def _say(message: str) -> None:
+    print(f"[cai] {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,63 @@
+"""One progress display for a whole ``cai run``: every bar says which stage of how many it belongs to.
+
+Stages make their bars with ``progress.bar(total, desc, unit)`` (a tqdm bar on stderr, with rate
+and ETA); while ``cai run`` runs stage i of n, each bar's description starts with ``[i/n]``.
+Trainers (SFT, PM, DPO, RLOO) get ``TrainerBar``, a callback that drives the same kind of bar with
+the loss, in place of transformers' own.
+"""
+
+from __future__ import annotations
+
+import sys
+
+_STAGE: tuple[int, int, str] | None = None
+
+
+def set_stage(index: int | None, total: int = 0, name: str = "") -> None:
+    """Called by ``cai run`` around each stage (``None`` after it)."""
+    global _STAGE
+    _STAGE = None if index is None else (index, total, name)
+
+
+def desc(name: str) -> str:
+    """A bar's description, prefixed with the stage position when run by ``cai run``.
+
+    >>> set_stage(2, 6, "sft"); desc("helpful samples")
+    '[2/6] helpful samples'
+    >>> set_stage(None); desc("label")
+    'label'
+    """
+    return f"[{_STAGE[0]}/{_STAGE[1]}] {name}" if _STAGE else name
+
+
+def bar(total: int, name: str, unit: str = "it", initial: int = 0):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc(name), unit=unit, initial=initial, file=sys.stderr, dynamic_ncols=True)
+
+
+def trainer_bar(name: str):
+    """A ``transformers.TrainerCallback`` showing training steps as one of our bars (rate, ETA, loss)."""
+    from transformers import TrainerCallback
+
+    class TrainerBar(TrainerCallback):
+        def __init__(self):
+            self.bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = bar(state.max_steps, name, "step", initial=state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.bar is not None and logs and "loss" in logs:
+                self.bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return TrainerBar()
