@@ -119,7 +119,8 @@ def test_stage_runs_on_a_tiny_real_model_through_the_cli(tmp_path, tiny_model_di
 
 def test_a_bad_input_file_stops_the_run_before_any_run_directory_exists(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["run", "configs/smollm2-cpu.yaml", "--out", str(out), "--set", "critique_revise.prompts=missing.jsonl"])
+    code = main(["run", "configs/smollm2-cpu.yaml", "--out", str(out),
+                 "--set", "critique_revise.prompts=missing.jsonl"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "missing.jsonl" in err[0]
     assert not out.exists()  # no directory, no manifest
