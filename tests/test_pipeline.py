@@ -71,6 +71,14 @@ def test_full_run_then_skip_then_a_changed_label_setting_then_force(tmp_path, ti
     assert started(err) == [] and err.count("unchanged since the last run, skipped") == 6
     assert {s: e["key"] for s, e in manifest(out)["stages"].items()} == {s: e["key"] for s, e in first.items()}
 
+    # a dry run says what a changed label setting would do, and writes nothing
+    assert main([*args, "--set", "label.temperature=0.9", "--dry-run"]) == 0
+    said = capsys.readouterr().out
+    assert "critique_revise: would skip" in said and "sft: would skip" in said
+    assert "label: would restart: settings changed" in said and "pm: would restart: inputs changed" in said
+    assert manifest(out)["stages"] == json.loads(json.dumps(manifest(out)["stages"]))
+    assert {s: e["key"] for s, e in manifest(out)["stages"].items()} == {s: e["key"] for s, e in first.items()}
+
     # a changed label setting reruns label and everything after it, not stages 1-2
     sft_weights = (out / "sft" / "model" / "model.safetensors").stat().st_mtime_ns
     assert main([*args, "--set", "label.temperature=0.9"]) == 0

@@ -92,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. critique_revise.rounds=3")
     p.add_argument("--verbose", action="store_true", help="show library warnings and progress bars")
+    p.add_argument("--dry-run", action="store_true", help="check the config and inputs, say what each stage "
+                   "would do, write nothing")
     p.set_defaults(func=_cmd_run)
 
     for stage, (command, module, _) in STAGE_MODULES.items():
@@ -102,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help=f"override a config field, e.g. {stage}.limit=8")
         p.add_argument("--verbose", action="store_true", help="show library warnings and progress bars")
+        p.add_argument("--dry-run", action="store_true", help="check the config and inputs, write nothing")
         p.set_defaults(func=_cmd_stage, stage=stage)
 
     p = sub.add_parser("label-eval", help="accuracy, calibration and position bias of each labelling method")
@@ -144,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_stage(args) -> int:
     config = load_config(args.config, args.set)
-    _run_stages(config, Path(args.out), [args.stage], args.config, skip_done=False)
+    _run_stages(config, Path(args.out), [args.stage], args.config, skip_done=False, dry_run=args.dry_run)
     return 0
 
 
@@ -165,7 +168,9 @@ def _cmd_run(args) -> int:
             raise CaiError(f"--force: unknown stage {args.force!r} (stages: {', '.join(STAGES)})")
     out = Path(args.out)
     start = time.time()
-    _run_stages(config, out, stages, args.config, force)
+    _run_stages(config, out, stages, args.config, force, dry_run=args.dry_run)
+    if args.dry_run:
+        return 0
     from constitutional.report import write_report
 
     print(f"report: {write_report(out).resolve()}")
@@ -253,11 +258,11 @@ def _cmd_fetch_model(args) -> int:
 
 
 def _run_stages(config: PipelineConfig, out: Path, stages: list[str], config_path, force: str | None = None,
-                skip_done: bool = True) -> None:
+                skip_done: bool = True, dry_run: bool = False) -> None:
     """Run stages in order (skipping finished, unchanged ones), keeping ``out/manifest.json`` up to date."""
     from constitutional.pipeline import run_stages
 
-    run_stages(config, out, stages, config_path, force, versions=_versions(), skip_done=skip_done)
+    run_stages(config, out, stages, config_path, force, versions=_versions(), skip_done=skip_done, dry_run=dry_run)
 
 
 def _versions() -> dict:

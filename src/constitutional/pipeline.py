@@ -190,17 +190,20 @@ def _fmt_seconds(seconds: float) -> str:
 
 
 def run_stages(config: PipelineConfig, out: Path, stages: list[str], config_path, force: str | None = None,
-               versions: dict | None = None, skip_done: bool = True) -> dict:
+               versions: dict | None = None, skip_done: bool = True, dry_run: bool = False) -> dict:
     """Run ``stages`` in order into ``out``, keeping ``manifest.json`` up to date; return the manifest.
 
     ``skip_done=False`` (a single-stage command such as ``cai sft``) always runs the stage, in place:
     it resumes what is there, and the stage itself refuses output made with other settings.
+    ``dry_run`` checks the config and every input, prints what each stage would do and writes nothing.
     """
     from constitutional import progress
 
     validate_inputs(config, stages)
-    out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.json"
+    if dry_run:
+        return _dry_run(config, out, stages, force, skip_done)
+    out.mkdir(parents=True, exist_ok=True)
     previous: dict = {}
     if manifest_path.exists():
         try:
@@ -219,17 +222,14 @@ def run_stages(config: PipelineConfig, out: Path, stages: list[str], config_path
         entry = previous.get(stage) or {}
         k = keys[stage]
         label = f"[{index}/{len(stages)}] {stage}"
-        if skip_done and stage not in forced and entry.get("status") == "done" and entry.get("key") == k["key"]:
+        decision = _decide(stage, entry, k, forced, skip_done, stage_dir.exists())
+        if decision == "skip":
             say(f"{label}: unchanged since the last run, skipped")
             continue
-        resumable = not skip_done or (stage not in forced and entry.get("upstream") == k["upstream"]
-                                      and entry.get("strict") == k["strict"])
-        if stage_dir.exists() and not resumable:
-            why = "forced" if stage in forced else ("inputs changed" if entry.get("upstream") != k["upstream"]
-                                                    else "settings changed")
-            say(f"{label}: {why}: starting it again (removing {stage_dir})")
+        if decision.startswith("restart"):
+            say(f"{label}: {decision.split(': ', 1)[1]}: starting it again (removing {stage_dir})")
             shutil.rmtree(stage_dir)
-        elif stage_dir.exists():
+        elif decision == "resume":
             say(f"{label}: resuming where it stopped")
         say(f"{label}: started (run elapsed {_fmt_seconds(time.time() - run_start)})")
         new = {"status": "running", "started": datetime.now(UTC).isoformat(timespec="seconds"), **k}
@@ -256,6 +256,36 @@ def run_stages(config: PipelineConfig, out: Path, stages: list[str], config_path
         where = f": {Path(summary['output']).resolve()}" if "output" in summary else ""
         say(f"{label}: done in {_fmt_seconds(time.time() - start)}{where}")
     return manifest
+
+
+def _decide(stage: str, entry: dict, k: dict, forced: set, skip_done: bool, exists: bool) -> str:
+    """What ``run_stages`` does with a stage: skip, resume, restart (with why) or run."""
+    if skip_done and stage not in forced and entry.get("status") == "done" and entry.get("key") == k["key"]:
+        return "skip"
+    resumable = not skip_done or (stage not in forced and entry.get("upstream") == k["upstream"]
+                                  and entry.get("strict") == k["strict"])
+    if exists and not resumable:
+        if stage in forced:
+            return "restart: forced"
+        return "restart: inputs changed" if entry.get("upstream") != k["upstream"] else "restart: settings changed"
+    return "resume" if exists else "run"
+
+
+def _dry_run(config: PipelineConfig, out: Path, stages: list[str], force: str | None, skip_done: bool) -> dict:
+    previous: dict = {}
+    try:
+        previous = json.loads((out / "manifest.json").read_text()).get("stages", {}) or {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        pass
+    keys = plan(config)
+    forced = set(STAGES[STAGES.index(force):]) if force else set()
+    decisions = {}
+    for index, stage in enumerate(stages, 1):
+        exists = (out / STAGE_MODULES[stage][2]).exists()
+        decisions[stage] = _decide(stage, previous.get(stage) or {}, keys[stage], forced, skip_done, exists)
+        print(f"[{index}/{len(stages)}] {stage}: would {decisions[stage]}")
+    print(f"dry run: config and inputs are valid; nothing was written to {out}")
+    return {"stages": decisions}
 
 
 def _say(message: str) -> None:
