@@ -148,3 +148,24 @@ def test_helpful_comparisons_mix_in_up_to_their_share(tmp_path, tiny_model_dir):
                                 "pm.heldout_fraction=0.0", "pm.device=cpu"])
     metrics = pm.run(config, tmp_path / "run")
     assert metrics["train_pairs"] == 40 + 13  # 13 / 53 is just under a quarter
+
+
+def test_lora_pm_trains_and_saves_a_merged_model(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    from constitutional.config import load_config
+    from constitutional.stages import pm
+
+    rows = [{"id": f"p{i}", "prompt": [{"role": "user", "content": f"question {i}"}],
+             "chosen": [{"role": "assistant", "content": "I can't help with hurting anyone."}],
+             "rejected": [{"role": "assistant", "content": "def add(a, b): return a + b"}], "p_chosen": 0.9}
+            for i in range(16)]
+    (tmp_path / "label").mkdir()
+    (tmp_path / "label" / "comparisons.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = load_config(None, [f"pm.base={tiny_model_dir}", "pm.batch_size=4", "pm.epochs=2", "pm.lora=true",
+                                "pm.lora_r=4", "pm.learning_rate=1e-2", "pm.device=cpu"])
+    metrics = pm.run(config, tmp_path)
+    model_dir = tmp_path / "pm" / "model"
+    assert not (model_dir / "adapter_config.json").exists()
+    AutoModelForSequenceClassification.from_pretrained(model_dir)  # a plain model, adapter merged
+    assert metrics["train_accuracy"] >= 0.9  # chosen and rejected are told apart after merging

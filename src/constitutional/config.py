@@ -256,6 +256,10 @@ class PmConfig:
     save_steps: write a checkpoint every this many steps (a rerun resumes from the last one).
     keep_checkpoints: checkpoints kept while training (the newest ones); all go when the stage finishes,
         unless ``keep_optimizer_state``.
+    lora: train a LoRA adapter (and the reward head) instead of all weights; the saved model is merged.
+    lora_r: LoRA rank.
+    lora_alpha: LoRA scaling numerator.
+    lora_dropout: dropout on the LoRA input.
     device: ``auto`` (cuda if available), ``cpu`` or ``cuda``.
     """
 
@@ -271,6 +275,10 @@ class PmConfig:
     max_length: int = 512
     save_steps: int = 10
     keep_checkpoints: int = 1
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
     device: str = "auto"
 
     def check(self) -> None:

@@ -271,15 +271,26 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
         report_to="none", use_cpu=device == "cpu", bf16=False, fp16=False, seed=config.seed,
         dataloader_num_workers=0, center_rewards_coefficient=None, gradient_checkpointing=False, disable_tqdm=True,
     )
+    peft_config = None
+    if cfg.lora:
+        from peft import LoraConfig
+
+        # the new reward head trains in full (modules_to_save), the body through the adapter
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                 target_modules="all-linear", task_type="SEQ_CLS")
     trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                               callbacks=[progress.trainer_bar("train-pm"), *(callbacks or [])])
+                               callbacks=[progress.trainer_bar("train-pm"), *(callbacks or [])],
+                               peft_config=peft_config)
     checkpoints = stage_dir / "checkpoints"
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if last:
         _log(f"resuming from {last}")
     result = trainer.train(resume_from_checkpoint=last)
 
-    final_dir = save_model_dir(trainer.model, tokenizer, stage_dir / "model")
+    trained = trainer.model
+    if cfg.lora:
+        trained = trained.merge_and_unload()
+    final_dir = save_model_dir(trained, tokenizer, stage_dir / "model")
     if not config.keep_optimizer_state:
         from constitutional.stages.sft import drop_checkpoints
 
