@@ -115,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="use only the first N pairs of each eval set")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. label.feedback_model=path/to/model")
+    p.add_argument("--dry-run", action="store_true", help="check the config and the eval pairs, score nothing")
     p.set_defaults(func=_cmd_label_eval)
 
     p = sub.add_parser("score", help="score prompt/response rows with a trained preference model")
@@ -191,6 +192,15 @@ def _cmd_label_eval(args) -> int:
                 raise CaiError(f"--variants: unknown variant {v!r} (known: {', '.join(known)})")
     if args.limit is not None and args.limit < 1:
         raise CaiError("--limit must be at least 1")
+    if args.dry_run:
+        from constitutional.constitution import load_constitution
+        from constitutional.models import check_model_spec
+
+        load_constitution(config.constitution)
+        check_model_spec(config.label.feedback_model or config.critique_revise.model, "label.feedback_model")
+        counts = {name: len(label_eval.load_eval_pairs(name, args.limit)) for name in label_eval.EVAL_SETS}
+        print(f"dry run: would score {counts} with {', '.join(variants or [v.name for v in label_eval.VARIANTS])}")
+        return 0
     label_eval.run(config, Path(args.out), variants, args.limit)
     return 0
 
