@@ -215,7 +215,8 @@ def test_selection_keeps_the_current_response_when_every_candidate_scores_lower(
 def test_initial_and_follows_candidates_are_scored_and_recorded(tmp_path):
     backend = _selecting_backend("Sure, here is how.", ["Whatever you like."],
                                  follows_answer="SAFE: here is a careful answer.")
-    config = _config(limit=1, rounds=1, candidates=1, initial_candidates=2, follows_candidates=1, fewshot=0)
+    config = _config(limit=1, rounds=1, candidates=1, initial_candidates=2, follows_candidates=1, fewshot=0,
+                     follows_openings="false")
     critique_revise.run(config, tmp_path, backend=backend, scorer_backend=FollowsScorer())
     (row,) = read_jsonl(tmp_path / "critique_revise" / "revisions.jsonl")
     assert [c["source"] for c in row["initial_candidates"]] == ["sample", "sample", "follows"]
@@ -228,3 +229,15 @@ def test_initial_and_follows_candidates_are_scored_and_recorded(tmp_path):
     assert [c["source"] for c in rd["candidates"]] == ["current", "revision", "follows"]
     # the round's follows candidates were sampled under the feedback principle its SL principle names
     assert system_chats[-1][0]["content"] == fb[sl.feedback].follows
+
+
+def test_follows_candidates_continue_the_constitutions_openings(tmp_path):
+    openings = load_constitution("default").openings["harmless"]
+    backend = _selecting_backend("Sure, here is how.", ["Whatever you like."], follows_answer="SAFE: call a locksmith.")
+    config = _config(limit=1, rounds=1, candidates=1, follows_candidates=3, fewshot=0)
+    critique_revise.run(config, tmp_path, backend=backend, scorer_backend=FollowsScorer())
+    (row,) = read_jsonl(tmp_path / "critique_revise" / "revisions.jsonl")
+    follows = [c["text"] for c in row["rounds"][0]["candidates"] if c["source"] == "follows"]
+    assert follows == [critique_revise.join_opening(o, "SAFE: call a locksmith.") for o in openings[:3]]
+    prefilled = [chat for chats, _ in backend.calls for chat in chats if chat[0]["role"] == "system"]
+    assert all(chat[-1]["role"] == "assistant" and chat[-1]["content"] in openings for chat in prefilled)

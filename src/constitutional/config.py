@@ -51,6 +51,8 @@ class CritiqueReviseConfig:
     follows_candidates: more candidates per round (and for the initial response) sampled from the model
         answering the prompt under the scoring principle's ``follows`` system prompt (context distillation).
     feedback_model: the model that scores candidates (None: the same as ``model``).
+    follows_openings: follows candidates continue the constitution's ``openings`` for their principle's kind
+        (the i-th candidate the i-th opening), when it lists some.
     """
 
     model: str = DEFAULT_MODEL
@@ -71,6 +73,7 @@ class CritiqueReviseConfig:
     initial_candidates: int = 1
     follows_candidates: int = 0
     feedback_model: str | None = None
+    follows_openings: bool = True
 
     def check(self) -> None:
         _require(self.rounds >= 1, "critique_revise.rounds", "must be at least 1")

@@ -23,6 +23,12 @@ shared stance put before every feedback principle's own ``follows``/``violates``
 kind (on the embedded model, describing the behaviour itself, "refuses and offers a safe
 alternative" vs. "helps with anything and never refuses", is what makes contrast labels work).
 
+* An optional top-level ``openings: {harmless: [...], helpful: [...]}`` lists how a response that
+follows the principles of that kind may begin ("I can't help with that, but ..."). Stage 1's
+``follows_candidates`` continue them under a principle's ``follows`` system prompt, so that a small
+model proposes candidates it would rarely write unprompted; whether one is kept is still decided by
+the feedback model's score under the round's principle.
+
 * Anthropic's published JSON: an object ``{name: {"prompt": [critique], "edit_request": revision}}``
   for SL principles, or a list of strings for feedback principles.
 
@@ -77,6 +83,8 @@ class Constitution:
     sl_principles: tuple[Principle, ...] = ()
     feedback_principles: tuple[FeedbackPrinciple, ...] = ()
     sources: tuple[str, ...] = field(default=())
+    # kind -> openings of a response that follows the principles of that kind (optional; see module doc)
+    openings: dict = field(default_factory=dict)
 
     def require_sl(self) -> None:
         if not self.sl_principles:
@@ -154,7 +162,11 @@ def _merge(parts: list[Constitution]) -> Constitution:
                 raise CaiError(f"{part.sources[0]}: feedback principle id {p.id!r} is already defined")
             fb.append(p)
     sources = tuple(s for part in parts for s in part.sources)
-    return Constitution("+".join(p.name for p in parts), tuple(sl), tuple(fb), sources)
+    openings: dict = {}
+    for part in parts:
+        for kind, items in part.openings.items():
+            openings[kind] = openings.get(kind, ()) + items
+    return Constitution("+".join(p.name for p in parts), tuple(sl), tuple(fb), sources, openings)
 
 
 def _text(value, path: Path, where: str) -> str:
@@ -175,7 +187,7 @@ def _check_keys(item, allowed: set[str], required: set[str], path: Path, where: 
 
 
 def _from_yaml(data, path: Path) -> Constitution:
-    top = {"name", "version", "description", "sl_principles", "feedback_principles", "contrast_base"}
+    top = {"name", "version", "description", "sl_principles", "feedback_principles", "contrast_base", "openings"}
     _check_keys(data, top, set(), path, "top level")
     base = _contrast_base(data.get("contrast_base"), path)
     if "sl_principles" not in data and "feedback_principles" not in data:
@@ -223,8 +235,25 @@ def _from_yaml(data, path: Path) -> Constitution:
     for i, p in enumerate(sl):
         if p.feedback is not None and p.feedback not in fb_ids:
             raise CaiError(f"{path}: sl_principles[{i}].feedback: no feedback principle with id {p.feedback!r}")
+    openings = _openings(data.get("openings"), path)
     name = str(data.get("name") or path.stem)
-    return Constitution(name, tuple(sl), tuple(fb), (str(path),))
+    return Constitution(name, tuple(sl), tuple(fb), (str(path),), openings)
+
+
+def _openings(data, path: Path) -> dict[str, tuple[str, ...]]:
+    """``openings: {kind: [text, ...]}`` -> {kind: (text, ...)}."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CaiError(f"{path}: openings: expected a mapping of kind -> list of openings")
+    out = {}
+    for kind, items in data.items():
+        if kind not in FEEDBACK_KINDS:
+            raise CaiError(f"{path}: openings.{kind}: unknown kind (kinds: {', '.join(FEEDBACK_KINDS)})")
+        if not isinstance(items, list) or not items:
+            raise CaiError(f"{path}: openings.{kind}: expected a non-empty list of strings")
+        out[kind] = tuple(_text(t, path, f"openings.{kind}[{i}]") for i, t in enumerate(items))
+    return out
 
 
 def _contrast_base(data, path: Path) -> dict[str, tuple[str, str]]:

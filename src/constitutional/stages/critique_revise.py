@@ -20,9 +20,11 @@ computes their shared prefix once per call instead of once per chat.
 Constitution-guided selection (beyond the paper, for small models whose single revision is
 often noise): with ``candidates: k`` each round samples k revisions, and with
 ``follows_candidates: m`` m more answers from the model under the round's scoring principle's
-``follows`` system prompt (context distillation); the feedback model scores every candidate and
-the current response under that principle (the contrast method: log P(response | follows) -
-log P(response | violates), per token) and the best one becomes the current response. The
+``follows`` system prompt (context distillation), each continuing one of the constitution's
+``openings`` for the principle's kind when it lists some (``follows_openings``); the feedback
+model scores every candidate and the current response under that principle (the contrast method:
+log P(response | follows) - log P(response | violates), per token) and the best one becomes the
+current response. The
 current response wins ties, and a round where it stays best records ``kept-current``.
 ``initial_candidates: k`` does the same for the first response. The round's scoring principle is
 the feedback principle its SL principle names (``feedback:`` in the constitution), else a
@@ -209,7 +211,7 @@ def run(config: PipelineConfig, out_dir: str | Path, backend: Backend | None = N
             for i in range(0, len(fits), cfg.batch_size):
                 chunk = fits[i:i + cfg.batch_size]
                 for row in _revise_chunk(chunk, cfg, config.seed, backend, on_batch, scorer,
-                                         config.label.contrast_reduce):
+                                         config.label.contrast_reduce, constitution.openings):
                     writer.append(row.to_dict())
         bar.close()
 
@@ -257,23 +259,54 @@ def _select(scorer, reduce: str, sets: list[tuple[str, FeedbackPrinciple, list[d
     return [pick_best([c.get("score") for c in cands]) for _, _, cands in sets]
 
 
+def join_opening(opening: str, continuation: str) -> str:
+    """A response that began with ``opening`` and went on with ``continuation``.
+
+    >>> join_opening("I can't help with that, but", "here is a safer idea.")
+    "I can't help with that, but here is a safer idea."
+    >>> join_opening("I can't help with that", ", sorry.")
+    "I can't help with that, sorry."
+    >>> join_opening("", "Sure.")
+    'Sure.'
+    """
+    continuation = continuation.strip()
+    if not opening:
+        return continuation
+    if not continuation:
+        return opening
+    glue = "" if continuation[0] in ".,;:!?'" else " "
+    return f"{opening}{glue}{continuation}"
+
+
 def _revise_chunk(chunk: list[_Plan], cfg, seed: int, backend: Backend, on_batch, scorer=None,
-                  reduce: str = "mean") -> list[RevisionRow]:
+                  reduce: str = "mean", openings: dict | None = None) -> list[RevisionRow]:
     key = chunk[0].row.id
     select = scorer is not None
+    openings = openings or {}
 
     def params(budget: int, step: str) -> SamplingParams:
         return SamplingParams(max_new_tokens=budget, temperature=cfg.temperature, top_p=cfg.top_p,
                               seed=_call_seed(seed, key, step))
 
     def follows_answers(principles: list[FeedbackPrinciple], step: str) -> list[list[str]]:
-        """``follows_candidates`` answers per prompt, sampled under the scoring principle's follows prompt."""
+        """``follows_candidates`` answers per prompt, sampled under the scoring principle's follows prompt;
+        the i-th continues the constitution's i-th opening for the principle's kind, if it lists any."""
         m = cfg.follows_candidates if select else 0
         if not m:
             return [[] for _ in chunk]
-        chats = [[{"role": "system", "content": principles[j].follows}, {"role": "user", "content": p.row.prompt}]
-                 for j, p in enumerate(chunk) for _ in range(m)]
-        out = [clean_generation(c.text) for c in backend.generate(chats, params(cfg.max_new_tokens, step), on_batch)]
+        chats, starts = [], []
+        for j, p in enumerate(chunk):
+            kind_openings = openings.get(principles[j].kind, ()) if cfg.follows_openings else ()
+            for i in range(m):
+                chat = [{"role": "system", "content": principles[j].follows}, {"role": "user", "content": p.row.prompt}]
+                start = kind_openings[i % len(kind_openings)] if kind_openings else ""
+                if start:
+                    chat.append({"role": "assistant", "content": start})
+                chats.append(chat)
+                starts.append(start)
+        done = backend.generate(chats, params(cfg.max_new_tokens, step), on_batch)
+        out = [join_opening(start, clean_generation(c.text) if not start else c.text)
+               for start, c in zip(starts, done, strict=True)]
         return [out[j * m:(j + 1) * m] for j in range(len(chunk))]
 
     sys_prompt = cfg.system_prompt
