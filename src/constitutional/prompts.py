@@ -161,6 +161,7 @@ def clean_generation(text: str) -> str:
 
 # Phrases that show a "revision" talks about a response instead of being one.
 _META = re.compile(
+    r"^\s*(?:the|this) (?:response|answer|reply|revision)\b|"  # opens by talking about a response
     r"\b(?:the (?:assistant'?s?|ai'?s?|model'?s?|original|previous|last|initial) (?:last )?"
     r"(?:response|answer|reply)|the response (?:above|is|was|does|did|should|could|contains)|"
     r"(?:here is|here's) (?:the|a|my) (?:revised|rewritten|new|updated)|"
@@ -186,7 +187,8 @@ def degenerate_reason(revision: str, critique: str, copied_from: Sequence[str] =
                       previous: str = "", threshold: float = 0.8) -> str | None:
     """Why a revision is not usable as an SFT target, or None if it is fine.
 
-    Reasons: ``empty``; ``copies-critique`` (mostly the critique again);
+    Reasons: ``empty``; ``repetition`` (a loop, by ``evaluation.detectors.degenerate_reason``);
+    ``copies-critique`` (mostly the critique again);
     ``meta-commentary`` (talks about "the assistant's response" instead of answering);
     ``copies-fewshot`` (mostly the text of a few-shot example); ``unchanged`` (nearly the
     ``previous`` response it was asked to revise: no constitutional signal to learn from).
@@ -195,12 +197,21 @@ def degenerate_reason(revision: str, critique: str, copied_from: Sequence[str] =
     'empty'
     >>> degenerate_reason("The assistant's response is harmful.", "c")
     'meta-commentary'
+    >>> degenerate_reason("The response suggests a respectful way to deal with it.", "c")
+    'meta-commentary'
+    >>> degenerate_reason("I can't. " + "I'm a neutral and objective. " * 5, "c")
+    'repetition'
     >>> degenerate_reason("Sure, here's how.", "It is bad.", previous="Sure, here's how.")
     'unchanged'
     >>> degenerate_reason("I can't help with that, but here is a safer idea.", "It is bad.")
     """
     if len(revision.strip()) < 2:
         return "empty"
+    from constitutional.evaluation.detectors import degenerate_reason as loop_or_empty
+
+    loop = loop_or_empty(revision)
+    if loop is not None:
+        return loop
     if critique.strip() and similarity(revision, critique) >= threshold:
         return "copies-critique"
     if _META.search(revision):
