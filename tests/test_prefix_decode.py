@@ -6,6 +6,7 @@ import torch
 from constitutional.backends import prefix_decode
 from constitutional.backends.base import SamplingParams
 from constitutional.backends.prefix_decode import (
+    attention_bias,
     attention_with_lse_reference,
     prefix_suffix_attention,
     unsupported_reason,
@@ -51,12 +52,13 @@ def test_prefix_suffix_attention_equals_attention_over_the_concatenated_keys(n_p
     mask = torch.cat([torch.ones(rows, q_len, n_prefix, dtype=torch.bool), allowed], -1)[:, None]
     expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=0.3,
                                                                 enable_gqa=True)
-    got = prefix_suffix_attention(q, pk, pv, k, v, allowed, 0.3)
+    got = prefix_suffix_attention(q, pk, pv, k, v, attention_bias(allowed, heads // kv_heads), 0.3)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     # the written-out fallback (devices without torch's CPU flash kernel) gives the same
-    out, lse = attention_with_lse_reference(q[:, :kv_heads], k, v, allowed[:, None], 0.3)
-    fused_out, fused_lse = prefix_decode._attention_with_lse(q[:, :kv_heads], k, v, allowed[:, None], 0.3)
+    bias = attention_bias(allowed, 1)
+    out, lse = attention_with_lse_reference(q[:, :kv_heads], k, v, bias, 0.3)
+    fused_out, fused_lse = prefix_decode._attention_with_lse(q[:, :kv_heads], k, v, bias, 0.3)
     torch.testing.assert_close(out, fused_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, fused_lse, atol=1e-5, rtol=1e-5)
 

@@ -66,62 +66,73 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
+def attention_bias(allowed: torch.Tensor, group: int, dtype=torch.float32) -> torch.Tensor:
+    """The additive mask of :func:`prefix_suffix_attention` from a bool one.
+
+    allowed: (rows, q_len, kv_len), True where a query may see a key. Returns (rows, 1, group *
+    q_len, kv_len): 0 where allowed, -inf where not, repeated for the ``group`` query heads that
+    share a kv head.
+
+    >>> attention_bias(torch.tensor([[[True, False]]]), 2)[0, 0].tolist()
+    [[0.0, -inf], [0.0, -inf]]
+    """
+    rows, q_len, kv_len = allowed.shape
+    bias = torch.zeros((rows, 1, group, q_len, kv_len), dtype=dtype, device=allowed.device)
+    bias.masked_fill_(~allowed[:, None, None], float("-inf"))
+    return bias.view(rows, 1, group * q_len, kv_len)
+
+
 def prefix_suffix_attention(query: torch.Tensor, prefix_key: torch.Tensor | None, prefix_value: torch.Tensor | None,
-                            key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor,
+                            key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor,
                             scaling: float) -> torch.Tensor:
     """Softmax attention of each row's queries over a prefix shared by all rows, then the row's own keys.
 
     query: (rows, heads, q_len, dim); prefix_key, prefix_value: (kv_heads, prefix_len, dim), one
-    copy for all rows (or None); key, value: (rows, kv_heads, kv_len, dim); allowed: (rows, q_len,
-    kv_len) bool, which of its row's keys each query may see (every query sees the whole prefix;
-    each must see at least one of its row's keys). Heads are grouped as in grouped-query attention:
-    head h reads kv head h // (heads / kv_heads). Returns (rows, heads, q_len, dim), equal to
-    softmax attention over [prefix keys; row keys]: each part's output is weighted by its share of
-    the softmax mass, exp(its log-sum-exp - the total log-sum-exp), which is exact.
+    copy for all rows (or None); key, value: (rows, kv_heads, kv_len, dim); bias: the
+    :func:`attention_bias` of which of its row's keys each query may see (every query sees the
+    whole prefix, and must see at least one of its row's keys). Heads are grouped as in
+    grouped-query attention: head h reads kv head h // (heads / kv_heads).
+    Returns (rows, heads, q_len, dim), equal to softmax attention over [prefix keys; row keys]:
+    the two parts' outputs are averaged with weights exp(part's log-sum-exp - total log-sum-exp),
+    which for two parts is a sigmoid of the difference of their log-sum-exps. Exact.
     """
     rows, heads, q_len, dim = query.shape
-    kv_heads, kv_len = key.shape[1], key.shape[2]
+    kv_heads = key.shape[1]
     group = heads // kv_heads
     q = query.reshape(rows, kv_heads, group * q_len, dim)  # head h -> (h // group, h % group)
-    mask = allowed[:, None, None].expand(rows, 1, group, q_len, kv_len).reshape(rows, 1, group * q_len, kv_len)
-    out, lse = _attention_with_lse(q, key, value, mask, scaling)  # (rows, kv_heads, group * q_len, dim / -)
+    out, lse = _attention_with_lse(q, key, value, bias, scaling)  # (rows, kv_heads, group * q_len, dim / -)
     if prefix_key is not None and prefix_key.shape[1] > 0:
         # every row's queries against the one prefix copy, as one sequence of rows * group * q_len queries
         qp = q.transpose(0, 1).reshape(1, kv_heads, rows * group * q_len, dim)
         pout, plse = _attention_with_lse(qp, prefix_key[None], prefix_value[None], None, scaling)
         pout = pout[0].view(kv_heads, rows, group * q_len, dim).transpose(0, 1)
         plse = plse[0].view(kv_heads, rows, group * q_len).transpose(0, 1)
-        total = torch.logaddexp(lse, plse)
-        out = (out * (lse - total).exp()[..., None].to(out.dtype)
-               + pout * (plse - total).exp()[..., None].to(out.dtype))
+        out = torch.lerp(pout, out, torch.sigmoid(lse - plse).to(out.dtype)[..., None])
     return out.view(rows, kv_heads, group, q_len, dim).reshape(rows, heads, q_len, dim)
 
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def _attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+def _attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None,
                         scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output (batch, heads, q_len, dim) and the log-sum-exp of each query's scores (batch, heads, q_len).
 
-    ``mask``: bool (batch, 1, q_len, kv_len), True where allowed, or None. On CPU this is torch's
-    fused flash-attention kernel (the one ``scaled_dot_product_attention`` runs, which also returns
-    the log-sum-exp); elsewhere the same maths written out.
+    ``bias``: additive mask (batch, 1, q_len, kv_len) or None. On CPU this is torch's fused
+    flash-attention kernel (the one ``scaled_dot_product_attention`` runs there, which also
+    returns the log-sum-exp); elsewhere the same maths written out.
     """
     if _FLASH_CPU is not None and query.device.type == "cpu":
-        bias = None
-        if mask is not None:
-            bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(~mask, float("-inf"))
         out, lse = _FLASH_CPU(query, key, value, 0.0, False, attn_mask=bias, scale=scaling)
         return out, lse.float()
-    return attention_with_lse_reference(query, key, value, mask, scaling)
+    return attention_with_lse_reference(query, key, value, bias, scaling)
 
 
-def attention_with_lse_reference(query, key, value, mask, scaling):
+def attention_with_lse_reference(query, key, value, bias, scaling):
     """:func:`_attention_with_lse` written out (any device; also the tests' reference)."""
     scores = (query @ key.transpose(-1, -2)).float() * scaling
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+    if bias is not None:
+        scores = scores + bias
     lse = torch.logsumexp(scores, dim=-1)
     out = (scores - lse[..., None]).exp().to(value.dtype) @ value
     return out, lse
@@ -196,6 +207,7 @@ class KVRows:
         qslot[self.rows, self.cols] = self.slots
         self.kv_len = int(max(slots)) + 1
         self.allowed = torch.arange(self.kv_len, device=device) <= qslot[..., None]  # (n_rows, width, kv_len)
+        self.bias = None  # built by the first layer, which knows the number of query heads per kv head
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float) -> torch.Tensor:
@@ -216,13 +228,19 @@ class KVRows:
             block[self.rows, :, self.cols] = q
         pk = self.prefix_k[layer] if self.prefix_k is not None else None
         pv = self.prefix_v[layer] if self.prefix_v is not None else None
+        if self.bias is None:
+            self.bias = attention_bias(self.allowed, heads // key.shape[1], query.dtype)
         n_prefix = pk.shape[1] if pk is not None else 0
         step = max(1, _SCORES_BYTES // (4 * heads * self.width * (self.kv_len + n_prefix)))
-        out = torch.empty_like(block)
-        for r in range(0, self.n_rows, step):
-            out[r:r + step] = prefix_suffix_attention(
-                block[r:r + step], pk, pv, kb[r:r + step, :, :self.kv_len], vb[r:r + step, :, :self.kv_len],
-                self.allowed[r:r + step], scaling)
+        if step >= self.n_rows:
+            out = prefix_suffix_attention(block, pk, pv, kb[:, :, :self.kv_len], vb[:, :, :self.kv_len], self.bias,
+                                          scaling)
+        else:  # in chunks of rows, to bound the memory of the mask and the kernel's buffers
+            out = torch.empty_like(block)
+            for r in range(0, self.n_rows, step):
+                out[r:r + step] = prefix_suffix_attention(
+                    block[r:r + step], pk, pv, kb[r:r + step, :, :self.kv_len], vb[r:r + step, :, :self.kv_len],
+                    self.bias[r:r + step], scaling)
         picked = out.squeeze(2) if self.dense else out[self.rows, :, self.cols]  # (tokens, heads, dim)
         return picked.unsqueeze(0)
 
