@@ -13,6 +13,7 @@ shared, so a slow run is usually a disturbed one); every run is printed.
     .venv/bin/python bench/critique.py                      # 32 prompts, 1 round, greedy
     .venv/bin/python bench/critique.py --rounds 2 --repeats 1
     .venv/bin/python bench/critique.py --temperature 0.7    # sampled: token counts differ, no text check
+    .venv/bin/python bench/critique.py --threads 1          # steadier when other jobs share the cores
 """
 
 from __future__ import annotations
@@ -64,7 +65,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each side, alternating")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     config = load_config(args.config)
     cfg = dataclasses.replace(config.critique_revise, rounds=args.rounds, temperature=args.temperature)

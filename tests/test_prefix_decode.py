@@ -9,6 +9,7 @@ from constitutional.backends.prefix_decode import (
     attention_bias,
     attention_with_lse_reference,
     prefix_suffix_attention,
+    top_p_nucleus,
     unsupported_reason,
 )
 
@@ -147,6 +148,23 @@ def test_seeded_sampling_is_reproducible(sharp):
     a, b = texts(new, CHATS, params), texts(new, CHATS, params)
     assert a == b
     assert a != texts(new, CHATS, SamplingParams(max_new_tokens=10, temperature=0.7, top_p=0.9, seed=6))
+
+
+@pytest.mark.parametrize("k", [2, 64])
+def test_top_p_nucleus_keeps_what_transformers_top_p_warper_keeps(k):
+    from transformers import TopPLogitsWarper
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 300) * torch.tensor([0.5, 1, 2, 4, 8, 16])[:, None]  # flat to peaked rows
+    logits[0, :3] = float("-inf")  # barred tokens (min_new_tokens) stay out
+    warped = TopPLogitsWarper(0.9)(None, logits.clone())
+    expected = torch.softmax(warped, dim=-1)
+    ids, probs = top_p_nucleus(logits, 0.9, k=k)
+    for row in range(len(logits)):
+        kept = ids[row][probs[row] > 0]
+        assert set(kept.tolist()) == set(torch.nonzero(expected[row]).flatten().tolist())
+        torch.testing.assert_close(probs[row][probs[row] > 0] / probs[row].sum(), expected[row][kept])
+    assert 1 < (probs[0] > 0).sum() and (probs[-1] > 0).sum() < (probs[0] > 0).sum()
 
 
 def _tiny(model_type: str, **extra):

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from constitutional.backends.base import Chat, Completion, ProgressFn, SamplingParams, TokenLogprobs
-from constitutional.backends.prefix_decode import PrefixDecoder, unsupported_reason
+from constitutional.backends.prefix_decode import PrefixDecoder, sample_top_p, unsupported_reason
 from constitutional.errors import CaiError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -150,24 +150,20 @@ class HFBackend:
     def _generate_prefix(self, encoded: list[list[int]], order: list[int], params: SamplingParams,
                          progress: ProgressFn | None) -> list[Completion]:
         """``generate`` on the shared-prefix decoder: same batches, seeds and stopping rules."""
-        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
-
         sampling = params.temperature > 0
-        # the warpers model.generate applies for these parameters, in its order
-        warpers = LogitsProcessorList()
-        if sampling and params.temperature != 1.0:
-            warpers.append(TemperatureLogitsWarper(params.temperature))
-        if sampling and params.top_p < 1.0:
-            warpers.append(TopPLogitsWarper(params.top_p))
 
         def pick(logits: torch.Tensor, step: int) -> torch.Tensor:
-            """The next token of each row from its logits (rows, vocab), ``step`` tokens into generation."""
+            """The next token of each row from its logits (rows, vocab), ``step`` tokens into generation,
+            processed as model.generate does: stop tokens barred before min_new_tokens, temperature, top-p."""
             if step < params.min_new_tokens:
                 logits[:, self.stop_ids] = float("-inf")
             if not sampling:
                 return logits.argmax(-1)
-            probs = torch.softmax(warpers(None, logits), dim=-1)
-            return torch.multinomial(probs, num_samples=1).squeeze(1)
+            if params.temperature != 1.0:
+                logits = logits / params.temperature
+            if params.top_p < 1.0:
+                return sample_top_p(logits, params.top_p)
+            return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1).squeeze(1)
 
         results: list[Completion | None] = [None] * len(encoded)
 

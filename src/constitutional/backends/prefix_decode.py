@@ -296,6 +296,39 @@ class RowStore:
         return best, best_row
 
 
+def top_p_nucleus(logits: torch.Tensor, top_p: float, k: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's nucleus of ``logits`` (rows, vocab): the most probable tokens while the mass ranked
+    above each is below ``top_p``, as transformers' ``TopPLogitsWarper`` keeps them.
+
+    Returns (ids, probs), both (rows, n): token ids by descending probability and their
+    probabilities, 0 past the row's nucleus. The warper sorts the whole vocabulary of every row
+    at every step (about 140 ms for 32 rows of SmolLM2's 49,152 tokens on one core here, as long
+    as the model's forward pass); a nucleus is almost always among the few dozen most probable
+    tokens, so this reads the ``k`` largest logits and looks further only while some row's nucleus
+    does not end inside them.
+
+    >>> ids, probs = top_p_nucleus(torch.tensor([[0.0, 3.0, 2.0, -1.0]]), 0.8, k=2)
+    >>> ids.tolist(), [round(p, 3) for p in probs[0].tolist()]
+    ([[1, 2, 0, 3]], [0.696, 0.256, 0.0, 0.0])
+    """
+    vocab = logits.shape[-1]
+    log_total = torch.logsumexp(logits, dim=-1, keepdim=True)
+    while True:
+        values, ids = logits.topk(min(k, vocab), dim=-1)  # descending
+        probs = (values - log_total).exp()
+        keep = probs.cumsum(-1) - probs < top_p  # mass ranked above each token < top_p
+        if k >= vocab or not keep[:, -1].any():
+            return ids, probs.masked_fill(~keep, 0.0)
+        k *= 4
+
+
+def sample_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """One token a row, drawn from its :func:`top_p_nucleus` (rows,). Same distribution as the
+    warper followed by ``torch.multinomial`` over the whole vocabulary, not the same draws."""
+    ids, probs = top_p_nucleus(logits, top_p)
+    return ids.gather(-1, torch.multinomial(probs, num_samples=1)).squeeze(1)
+
+
 def weights_version(model) -> int:
     """A number that changes whenever a parameter is modified in place (an optimiser step, a load):
     stored keys/values are only valid for the weights that computed them."""
@@ -440,7 +473,7 @@ class PrefixDecoder:
             if not any(running):
                 break
             stopped = len(running) - sum(running)
-            if stopped and stopped * 4 >= len(running):  # drop finished rows once they are a quarter
+            if stopped and stopped * 8 >= len(running):  # drop finished rows once they are an eighth
                 keep = [j for j, go in enumerate(running) if go]
                 self._store_rows(kv, [j for j, go in enumerate(running) if not go], live, seqs, generated, fed,
                                  new_store)
