@@ -7,6 +7,12 @@ examples of stage 1, a shared system prompt), that prefix is run through the mod
 its KV cache is copied into every batch, so the shared context costs one prefill, not one
 per chat. The model is loaded once per backend (once per stage).
 
+By default generation runs on ``prefix_decode.PrefixDecoder`` instead of ``model.generate``: one
+copy of the shared prefix's keys and values attended by all rows at once, packed prefill,
+finished rows dropped, and the last call's keys and values reused by chats that extend it
+(stage 1's revision chats extend its critique chats). It gives the same greedy outputs;
+``prefix_attention=False`` (or a model it does not support) uses ``model.generate`` as before.
+
 Seeds: with ``SamplingParams.seed`` set, batch ``i`` of a call is sampled after
 ``torch.manual_seed(seed + i)``, so the same inputs give the same outputs on the same machine.
 """
@@ -14,11 +20,13 @@ Seeds: with ``SamplingParams.seed`` set, batch ``i`` of a call is sampled after
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Sequence
 
 import torch
 
 from constitutional.backends.base import Chat, Completion, ProgressFn, SamplingParams, TokenLogprobs
+from constitutional.backends.prefix_decode import PrefixDecoder, sample_top_p, unsupported_reason
 from constitutional.errors import CaiError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -35,11 +43,14 @@ class HFBackend:
 
     ``model`` is a local directory or hub id (resolve specs with ``models.resolve_model``);
     pass an already loaded ``model_obj``/``tokenizer`` to share weights with a trainer.
+    ``min_shared_prefix``: shortest common token prefix of a call's prompts that is computed once.
+    ``prefix_attention``: generate with ``PrefixDecoder`` (False: ``model.generate``);
+    ``reuse_bytes``: memory it may keep for the last call's keys and values (0: no reuse).
     """
 
     def __init__(self, model: str, *, batch_size: int = 16, device: str = "auto",
                  dtype: str = "float32", model_obj=None, tokenizer=None, name: str | None = None,
-                 min_shared_prefix: int = 32):
+                 min_shared_prefix: int = 32, prefix_attention: bool = True, reuse_bytes: int = 1 << 30):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = pick_device(device)
@@ -64,6 +75,14 @@ class HFBackend:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.stop_ids = _stop_token_ids(self.model, self.tokenizer)
+        self.decoder: PrefixDecoder | None = None
+        if prefix_attention:
+            reason = unsupported_reason(self.model)
+            if reason is None:
+                self.decoder = PrefixDecoder(self.model, self.stop_ids, min_shared_prefix, reuse_bytes)
+            else:
+                print(f"[cai] shared-prefix decoding does not support {reason}; using transformers' generate",
+                      file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ text
 
@@ -99,6 +118,8 @@ class HFBackend:
 
         encoded = [self._encode(self.render(chat)) for chat in chats]
         order = sorted(range(len(chats)), key=lambda i: -len(encoded[i]))
+        if self.decoder is not None:
+            return self._generate_prefix(encoded, order, params, progress)
         sampling = params.temperature > 0
         config = GenerationConfig(
             max_new_tokens=params.max_new_tokens,
@@ -120,15 +141,50 @@ class HFBackend:
                 torch.manual_seed(params.seed + batch_index)
             out = self.model.generate(**batch, **kwargs, generation_config=config)
             new = out[:, batch["input_ids"].shape[1]:].tolist()
-            batch_tokens = 0
             for row, ids in zip(rows, new, strict=True):
-                n, finished = _cut_at_stop(ids, self.stop_ids)
-                batch_tokens += n
-                text = self.tokenizer.decode(ids[:n], skip_special_tokens=True).strip()
-                results[row] = Completion(text=text, tokens=n, finished=finished)
+                results[row] = self._completion(ids)
             if progress is not None:
-                progress(len(rows), batch_tokens)
+                progress(len(rows), sum(results[row].tokens for row in rows))
         return results  # type: ignore[return-value]
+
+    def _generate_prefix(self, encoded: list[list[int]], order: list[int], params: SamplingParams,
+                         progress: ProgressFn | None) -> list[Completion]:
+        """``generate`` on the shared-prefix decoder: same batches, seeds and stopping rules."""
+        sampling = params.temperature > 0
+
+        def pick(logits: torch.Tensor, step: int) -> torch.Tensor:
+            """The next token of each row from its logits (rows, vocab), ``step`` tokens into generation,
+            processed as model.generate does: stop tokens barred before min_new_tokens, temperature, top-p."""
+            if step < params.min_new_tokens:
+                logits[:, self.stop_ids] = float("-inf")
+            if not sampling:
+                return logits.argmax(-1)
+            if params.temperature != 1.0:
+                logits = logits / params.temperature
+            if params.top_p < 1.0:
+                return sample_top_p(logits, params.top_p)
+            return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1).squeeze(1)
+
+        results: list[Completion | None] = [None] * len(encoded)
+
+        def on_batch(index: int, rows: list[int], generated: list[list[int]] | None) -> None:
+            if generated is None:
+                if params.seed is not None:
+                    torch.manual_seed(params.seed + index)
+                return
+            for row, ids in zip(rows, generated, strict=True):
+                results[row] = self._completion(ids)
+            if progress is not None:
+                progress(len(rows), sum(results[row].tokens for row in rows))
+
+        batches = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        self.decoder.generate(encoded, batches, params.max_new_tokens, pick, on_batch)
+        return results  # type: ignore[return-value]
+
+    def _completion(self, ids: list[int]) -> Completion:
+        n, finished = _cut_at_stop(ids, self.stop_ids)
+        text = self.tokenizer.decode(ids[:n], skip_special_tokens=True).strip()
+        return Completion(text=text, tokens=n, finished=finished)
 
     def _shared_prefix(self, encoded: list[list[int]]):
         """The token prefix all prompts share (few-shot examples, system prompt) and its KV cache.
