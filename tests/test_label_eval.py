@@ -137,7 +137,7 @@ def test_letter_bias_shows_as_position_bias_and_both_orders_remove_it(tmp_path):
     assert one["position_bias"] == 1.0 and one["accuracy"] == 0.5 and one["mean_confidence"] == pytest.approx(0.9)
     assert one["ece"] == pytest.approx(0.4)
     assert both["position_bias"] == 0.0 and both["accuracy"] == 0.5  # every pair a 0.5 tie
-    saved = json.loads((tmp_path / "label_eval" / "results.json").read_text())
+    saved = json.loads((tmp_path / "label_eval" / "results-all.json").read_text())
     assert saved["variants"]["mc-zeroshot-one"]["helpful"]["n"] == 20 and saved["half"] == "all"
 
 
@@ -225,9 +225,9 @@ def test_bad_settings_are_one_clear_error(tmp_path):
     with pytest.raises(CaiError, match="demonstrations asked"):
         label_eval.run(load_config(None, ["label.contrast_fewshot=99"]), tmp_path, ["configured"],
                        backend=TruthContrastFake())
-    with pytest.raises(SystemExit) as exit_info:
-        main(["label-eval", "--out", str(tmp_path), "--half", "train"])
-    assert exit_info.value.code == 2
+    with pytest.raises(CaiError, match="--half 'train'"):
+        label_eval.run_halves(load_config(None, []), tmp_path, halves="dev,train", backend=TruthContrastFake())
+    assert main(["label-eval", "--out", str(tmp_path), "--half", "train"]) == 2
 
 
 def test_summarise_and_ensemble_maths():

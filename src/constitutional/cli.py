@@ -4,7 +4,7 @@
     cai critique-revise [--config CONFIG] --out DIR [--set critique_revise.rounds=3 ...]
     cai sft [--config CONFIG] --out DIR [--set sft.lora=true ...]
     cai label [--config CONFIG] --out DIR [--set label.method=multiple_choice ...]
-    cai label-eval [--config CONFIG] --out DIR [--half dev|test|all] [--variants contrast-mean,...] [--limit N]
+    cai label-eval [--config CONFIG] --out DIR [--half dev|test|all|dev,test] [--variants contrast-mean,...] [--limit N]
     cai train-pm [--config CONFIG] --out DIR
     cai score --pm DIR --in rows.jsonl --out scored.jsonl
     cai fetch-model [smollm2-135m-instruct]
@@ -77,11 +77,11 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("label-eval", help="accuracy, calibration and position bias of each labelling method")
     p.add_argument("--config", help="pipeline YAML (default: built-in defaults)")
-    p.add_argument("--out", required=True, help="run directory (results go to label_eval/results.json)")
+    p.add_argument("--out", required=True, help="run directory (results go to label_eval/results-<half>.json)")
     p.add_argument("--variants", help="comma-separated subset (default: all), e.g. contrast-mean,contrast-stance,"
                    "configured (the label section's own settings); the list is in label_eval.VARIANTS")
-    p.add_argument("--half", default="dev", choices=("dev", "test", "all"),
-                   help="which half of the eval pairs to report (default: dev; choose settings on dev only)")
+    p.add_argument("--half", default="dev", help="which half of the eval pairs to report: dev (default; choose "
+                   "settings on dev only), test, all, or several, e.g. dev,test")
     p.add_argument("--limit", type=int, help="use only the first N pairs of each eval set")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. label.feedback_model=path/to/model")
@@ -133,7 +133,7 @@ def _cmd_label_eval(args) -> int:
                 raise CaiError(f"--variants: unknown variant {v!r} (known: {', '.join(known)})")
     if args.limit is not None and args.limit < 1:
         raise CaiError("--limit must be at least 1")
-    label_eval.run(config, Path(args.out), variants, args.limit, half=args.half)
+    label_eval.run_halves(config, Path(args.out), variants, args.limit, args.half)
     return 0
 
 

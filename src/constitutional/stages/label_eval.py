@@ -35,10 +35,10 @@ the config sets it (what ``cai label`` runs).
 
 Run:
     cai label-eval --config configs/smollm2-cpu.yaml --out runs/label-eval             # dev half
-    cai label-eval --out runs/x --half test --variants contrast-mean,contrast-stance
+    cai label-eval --out runs/x --half dev,test --variants contrast-mean,contrast-stance
     cai label-eval --out runs/x --limit 40 --variants contrast-mean,mc-fewshot-both
 
-Writes ``label_eval/results.json`` and prints a table.
+Writes ``label_eval/results-<half>.json`` (every pair's P(A) included) and prints a table per half.
 """
 
 from __future__ import annotations
@@ -214,9 +214,29 @@ def _summary(rows: list[dict], p_a: list[float]) -> dict:
 # ------------------------------------------------------------------ running
 
 
+def run_halves(config: PipelineConfig, out_dir: str | Path, variants: list[str] | None = None,
+               limit: int | None = None, halves: str = "dev", backend=None) -> dict:
+    """``run`` on each of the comma-separated ``halves`` (e.g. ``dev,test``) with one model and shared scores."""
+    names = [h.strip() for h in halves.split(",") if h.strip()]
+    for h in names:
+        if h not in HALVES:
+            raise CaiError(f"--half {h!r}: expected one of {', '.join(HALVES)}")
+    if backend is None:
+        from constitutional.backends import load_backend
+
+        cfg = config.label
+        backend = load_backend(cfg.feedback_model or config.critique_revise.model, batch_size=cfg.batch_size,
+                               device=cfg.device)
+    cache: dict = {}
+    return {h: run(config, out_dir, variants, limit, backend, h, cache) for h in names}
+
+
 def run(config: PipelineConfig, out_dir: str | Path, variants: list[str] | None = None,
-        limit: int | None = None, backend=None, half: str = "dev") -> dict:
-    """Measure ``variants`` (default: all) on one half of the shipped pairs; write and print the table."""
+        limit: int | None = None, backend=None, half: str = "dev", cache: dict | None = None) -> dict:
+    """Measure ``variants`` (default: all) on one half of the shipped pairs; write and print the table.
+
+    ``cache``: contrast token log-probs from an earlier call with the same model (``run_halves``).
+    """
     from constitutional import feedback
 
     cfg = config.label
@@ -258,7 +278,7 @@ def run(config: PipelineConfig, out_dir: str | Path, variants: list[str] | None 
 
     results: dict = {"feedback_model": model_spec, "half": half, "fewshot": len(fewshot),
                      "pairs": {name: len(rows) for name, rows in data[half].items()}, "variants": {}}
-    cache: dict = {}  # token log-probs by (half, set, context, demos, principles): shared between variants
+    cache = {} if cache is None else cache  # token log-probs by (half, set, context, demos, principles)
     for variant in chosen:
         if variant.method == "contrast":
             entry = _contrast_variant(backend, variant, data, half, principles, all_demos, config.seed, cache)
@@ -268,7 +288,7 @@ def run(config: PipelineConfig, out_dir: str | Path, variants: list[str] | None 
             _log(f"{variant.name} on {half} {name}: accuracy {entry[name]['accuracy']:.3f}, "
                  f"ECE {entry[name]['ece']:.3f}, position bias {entry[name]['position_bias']:.3f}")
         results["variants"][variant.name] = entry
-        write_json(Path(out_dir) / STAGE_DIR / "results.json", results)  # after each variant
+        write_json(Path(out_dir) / STAGE_DIR / f"results-{half}.json", results)  # after each variant
     print(table(results))
     return results
 
@@ -326,7 +346,9 @@ def _contrast_variant(backend, variant: Variant, data: dict, half: str, principl
                 if fold is None or i % 2 != fold]
 
     entry: dict = {}
-    dev_diffs = [d for name in EVAL_SETS for d in signed(half if half != "test" else "dev", name)]
+    dev_half = "dev" if "dev" in data else half  # with --half all, the dev rows of it
+    dev_diffs = [d for name in EVAL_SETS
+                 for d, r in zip(signed(dev_half, name), data[dev_half][name], strict=True) if r["split"] == "dev"]
     t_dev = feedback.fit_temperature(dev_diffs) if dev_diffs else 1.0
     for name in EVAL_SETS:
         rows = data[half][name]
