@@ -249,3 +249,17 @@ def test_bad_contrast_fewshot_file(tmp_path):
     path.write_text("examples:\n  - {id: x, kind: rude, prompt: p, follows: a, violates: b}\n")
     with pytest.raises(CaiError, match=r"examples\[0\].kind: expected one of harmless, helpful"):
         feedback.load_contrast_fewshot(str(path))
+
+
+def test_tokens_read_counts_a_shared_context_prefix_once(tiny_backend):
+    principle = load_constitution("default").feedback_principles[0]
+    demos = feedback.contrast_demos("default", 2)
+    items = [(f"Question number {i}?", principle, "An answer.") for i in range(3)]
+    pairs = feedback.contrast_sequences(tiny_backend, items, context="stance", demos=demos)
+    prefixes = feedback.contrast_prefixes(tiny_backend, items, context="stance", demos=demos)
+    assert all(head.startswith(prefix) for (head, _), prefix in zip(pairs, prefixes, strict=True))
+    assert len(set(prefixes)) == 2  # one follows and one violates context for every comparison
+    plain = feedback.tokens_read(tiny_backend, pairs)
+    cached = feedback.tokens_read(tiny_backend, pairs, prefixes)
+    per_side = [len(tiny_backend.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in set(prefixes)]
+    assert abs((plain - cached) - 2 * sum(per_side)) <= 2 * len(pairs)  # 2 of 3 copies saved, up to boundary merges

@@ -451,17 +451,38 @@ def score_contrast_sequences(backend, pairs: Sequence[tuple[str, str]]) -> list[
     return [(scored[2 * i].logprobs, scored[2 * i + 1].logprobs) for i in range(len(pairs) // 2)]
 
 
-def tokens_read(backend, pairs: Sequence[tuple[str, str]]) -> int:
+def contrast_prefixes(backend, items: Sequence[tuple[str, FeedbackPrinciple, str]], *,
+                      context: str = "stance+principle", demos=None) -> list[str]:
+    """The context part (system prompt + demonstrations) of each head of ``contrast_sequences``.
+
+    Many comparisons share it, so a backend with a prefix cache (vLLM's) reads each distinct one once.
+    """
+    out = []
+    for _, principle, _ in items:
+        shots = (demos or {}).get(principle.kind, ())
+        for side, system in zip(("follows", "violates"), contrast_system_prompts(principle, context), strict=True):
+            out.append(backend.render(contrast_chat(system, "", shots, side)[:-1], add_generation_prompt=False))
+    return out
+
+
+def tokens_read(backend, pairs: Sequence[tuple[str, str]], prefixes: Sequence[str] | None = None) -> int:
     """Tokens a contrast pass reads: each distinct head once, every continuation.
 
-    Counted with the backend's tokenizer where it has one, else in whitespace-separated words.
+    With ``prefixes`` (``contrast_prefixes``), each distinct context prefix is counted once, as a
+    prefix cache would read it, and each head only past its prefix. Counted with the backend's
+    tokenizer where it has one, else in whitespace-separated words.
     """
     tokenizer = getattr(backend, "tokenizer", None)
 
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if tokenizer else len(text.split())
 
-    return sum(count(h) for h in {h for h, _ in pairs}) + sum(count(c) for _, c in pairs)
+    tails = sum(count(c) for _, c in pairs)
+    if prefixes is None:
+        return sum(count(h) for h in {h for h, _ in pairs}) + tails
+    heads = {h: p if h.startswith(p) else "" for (h, _), p in zip(pairs, prefixes, strict=True)}
+    return (sum(count(p) for p in set(heads.values())) + sum(count(h[len(p):]) for h, p in heads.items())
+            + tails)
 
 
 def judge_contrast(backend, items: Sequence[tuple[str, FeedbackPrinciple, str, str]], temperature: float,

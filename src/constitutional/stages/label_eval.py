@@ -319,6 +319,7 @@ def _contrast_variant(backend, variant: Variant, data: dict, half: str, principl
     diffs: dict = {}  # (half, set) -> [member][pair] s_A - s_B
     seconds = {h: 0.0 for h in data}
     tokens = {h: 0 for h in data}
+    tokens_cached = {h: 0 for h in data}  # each distinct system prompt + demonstrations read once
     for h, sets in data.items():
         for name, pairs in sets.items():
             draws = [sample_principles(principles[name], variant.ensemble, seed, r["id"]) for r in pairs]
@@ -331,10 +332,14 @@ def _contrast_variant(backend, variant: Variant, data: dict, half: str, principl
                     start = time.time()
                     sequences = feedback.contrast_sequences(backend, flat, context=variant.context, demos=demos)
                     logprobs = feedback.score_contrast_sequences(backend, sequences)
-                    cache[key] = (logprobs, time.time() - start, feedback.tokens_read(backend, sequences))
-                logprobs, spent, read = cache[key]
+                    spent = time.time() - start
+                    prefixes = feedback.contrast_prefixes(backend, flat, context=variant.context, demos=demos)
+                    cache[key] = (logprobs, spent, feedback.tokens_read(backend, sequences),
+                                  feedback.tokens_read(backend, sequences, prefixes))
+                logprobs, spent, read, read_cached = cache[key]
                 seconds[h] += spent
                 tokens[h] += _tokens_kept(read, logprobs, variant.max_tokens)
+                tokens_cached[h] += _tokens_kept(read_cached, logprobs, variant.max_tokens)
                 scores = [feedback.contrast_score(f, v, variant.reduce, variant.max_tokens) for f, v in logprobs]
                 members.append([scores[2 * i] - scores[2 * i + 1] for i in range(len(pairs))])
             diffs[(h, name)] = members
@@ -366,6 +371,7 @@ def _contrast_variant(backend, variant: Variant, data: dict, half: str, principl
     n_pairs = sum(len(rows) for rows in data[half].values())
     entry["temperature_dev"] = round(t_dev, 5)
     entry["tokens_per_comparison"] = round(tokens[half] / max(1, n_pairs), 1)
+    entry["tokens_per_comparison_prefix_cached"] = round(tokens_cached[half] / max(1, n_pairs), 1)
     entry["seconds"] = round(seconds[half], 1)
     return entry
 
@@ -388,16 +394,16 @@ def table(results: dict) -> str:
     lines = [f"label-eval on the {results['half']} half, feedback model {results['feedback_model']}, pairs "
              + ", ".join(f"{k} {v}" for k, v in results.get("pairs", {}).items()),
              f"| variant | harmless acc |{part_cols} ECE | pos. bias | helpful acc | ECE | pos. bias | T (dev) "
-             f"| tokens/cmp | s |",
-             "|---" * (10 + len(parts)) + "|"]
+             f"| tokens/cmp | with prefix cache | s |",
+             "|---" * (11 + len(parts)) + "|"]
     for name, entry in results["variants"].items():
         h, g = entry.get("harmless", {}), entry.get("helpful", {})
         part_vals = "".join(f" {fmt(h.get('parts', {}).get(p, {}).get('accuracy'))} |" for p in parts)
-        tokens = entry.get("tokens_per_comparison")
+        tokens = [entry.get(k, "-") for k in ("tokens_per_comparison", "tokens_per_comparison_prefix_cached")]
         lines.append(f"| {name} | {fmt(h.get('accuracy'))} |{part_vals} {fmt(h.get('ece'))} | "
                      f"{fmt(h.get('position_bias'))} | {fmt(g.get('accuracy'))} | {fmt(g.get('ece'))} | "
                      f"{fmt(g.get('position_bias'))} | {fmt(entry.get('temperature_dev'))} | "
-                     f"{tokens if tokens is not None else '-'} | {entry['seconds']:.0f} |")
+                     f"{tokens[0]} | {tokens[1]} | {entry['seconds']:.0f} |")
     return "\n".join(lines)
 
 
