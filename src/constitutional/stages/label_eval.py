@@ -89,7 +89,6 @@ VARIANTS = (
     Variant("contrast-principle", "contrast", context="principle"),
     Variant("contrast-ens3", "contrast", ensemble=3),
     Variant("contrast-ens5", "contrast", ensemble=5),
-    Variant("contrast-principle-ens5", "contrast", context="principle", ensemble=5),
     Variant("contrast-fewshot1", "contrast", demos=1),
     Variant("contrast-fewshot2", "contrast", demos=2),
     Variant("contrast-stance-fewshot2", "contrast", context="stance", demos=2),
