@@ -205,10 +205,10 @@ def test_ensemble_is_the_mean_of_single_principle_p_a_at_the_dev_temperature(tmp
 
 
 def test_configured_variant_follows_the_label_section(tmp_path):
-    config = load_config(None, ["label.contrast_context=stance", "label.contrast_fewshot=1",
+    config = load_config(None, ["label.contrast_context=principle", "label.contrast_fewshot=1",
                                 "label.contrast_max_tokens=8", "label.ensemble=2"])
     v = label_eval.configured_variant(config.label)
-    assert (v.context, v.demos, v.max_tokens, v.ensemble) == ("stance", 1, 8, 2)
+    assert (v.context, v.demos, v.max_tokens, v.ensemble) == ("principle", 1, 8, 2)
     fake = TruthContrastFake()
     label_eval.run(config, tmp_path, ["configured"], limit=2, backend=fake)
     demo = feedback.load_contrast_fewshot()["harmless"][0]
@@ -220,6 +220,8 @@ def test_bad_settings_are_one_clear_error(tmp_path):
         load_config(None, ["label.contrast_context=vibes"])
     with pytest.raises(CaiError, match="label.contrast_max_tokens"):
         load_config(None, ["label.contrast_max_tokens=0"])
+    with pytest.raises(CaiError, match="'label.ensemble': must be 1 with contrast_context: stance"):
+        load_config(None, ["label.contrast_context=stance", "label.ensemble=3"])
     with pytest.raises(CaiError, match="unknown label-eval variant 'nope'"):
         label_eval.run(load_config(None, []), tmp_path, ["nope"], backend=TruthContrastFake())
     with pytest.raises(CaiError, match="demonstrations asked"):

@@ -214,6 +214,8 @@ class LabelConfig:
                  "label.contrast_temperature", "must be more than 0")
         _require(self.contrast_context in CONTRAST_CONTEXTS, "label.contrast_context",
                  f"must be one of {', '.join(CONTRAST_CONTEXTS)}")
+        _require(self.method != "contrast" or self.contrast_context != "stance" or self.ensemble == 1,
+                 "label.ensemble", "must be 1 with contrast_context: stance (every principle gets the same prompts)")
         _require(self.contrast_fewshot >= 0, "label.contrast_fewshot", "must be 0 or more")
         _require(self.contrast_max_tokens is None or self.contrast_max_tokens >= 1, "label.contrast_max_tokens",
                  "must be at least 1")
