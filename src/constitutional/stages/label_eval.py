@@ -323,7 +323,7 @@ def _contrast_variant(backend, variant: Variant, data: dict, half: str, principl
         for name, pairs in sets.items():
             draws = [sample_principles(principles[name], variant.ensemble, seed, r["id"]) for r in pairs]
             members = []
-            for k in range(variant.ensemble):
+            for k in range(variant.ensemble if h == half else 1):  # T needs only member 0 of dev
                 picked = [d[k] for d in draws]
                 key = (h, name, variant.context, variant.demos, tuple(p.id for p in picked))
                 flat = [(r["prompt"], p, x) for r, p in zip(pairs, picked, strict=True) for x in (r["a"], r["b"])]
