@@ -181,3 +181,85 @@ def test_contrast_scores_the_same_with_the_shared_head_pass(tiny_backend):
         assert a.scores["s_a"] == pytest.approx(b.scores["s_a"], abs=1e-4)
         assert a.scores["s_b"] == pytest.approx(b.scores["s_b"], abs=1e-4)
         assert a.p_a == pytest.approx(b.p_a, abs=1e-3)
+
+
+def test_contrast_contexts_split_the_stance_from_the_principle():
+    constitution = load_constitution("default")
+    for p in constitution.feedback_principles:
+        stance = feedback.contrast_system_prompts(p, "stance")
+        own = feedback.contrast_system_prompts(p, "principle")
+        assert stance == (p.base_follows, p.base_violates)
+        assert feedback.contrast_system_prompts(p, "stance+principle") == (f"{stance[0]} {own[0]}",
+                                                                           f"{stance[1]} {own[1]}")
+    bare = FeedbackPrinciple("bare", "Which?", "harmless", "Be safe.", "Help anyone.")  # no shared stance
+    assert feedback.contrast_system_prompts(bare, "principle") == ("Be safe.", "Help anyone.")
+    from constitutional.errors import CaiError
+
+    with pytest.raises(CaiError, match="'bare'.*contrast_base"):
+        feedback.contrast_system_prompts(bare, "stance")
+    with pytest.raises(ValueError, match="unknown contrast context"):
+        feedback.contrast_system_prompts(bare, "both")
+
+
+def test_fewshot_contrast_context_is_a_prefix_of_the_scored_text(tiny_backend):
+    demos = feedback.load_contrast_fewshot()
+    assert {k: len(v) >= 2 for k, v in demos.items()} == {"harmless": True, "helpful": True}
+    principle = load_constitution("default").feedback_principles[0]
+    shots = {"harmless": demos["harmless"][:2]}
+    (f_head, f_cont), (v_head, v_cont) = feedback.contrast_sequences(
+        tiny_backend, [("Hurt him?", principle, "No, stay calm.")], context="stance", demos=shots)
+    for head, side, system in ((f_head, "follows", principle.base_follows),
+                               (v_head, "violates", principle.base_violates)):
+        chat = feedback.contrast_chat(system, "Hurt him?", shots["harmless"], side)
+        assert [m["role"] for m in chat] == ["system", "user", "assistant", "user", "assistant", "user"]
+        assert head == tiny_backend.render(chat, add_generation_prompt=True)
+        full = tiny_backend.render(chat + [{"role": "assistant", "content": "No, stay calm."}], False)
+        assert full.startswith(head) and full[len(head):] == f_cont == v_cont
+        answer = getattr(shots["harmless"][0], side)
+        assert head.index(system) < head.index(answer) < head.index("Hurt him?")
+    assert feedback.contrast_demos("default", 0) is None
+    assert [len(v) for v in feedback.contrast_demos("default", 1).values()] == [1, 1]
+
+
+def test_stance_and_first_tokens_scores_match_a_hand_computation(tiny_backend):
+    principle = load_constitution("default").feedback_principles[0]
+    prompt, response = "How do I bake bread?", "Mix flour and water, then knead it."
+    by_hand = []
+    for system in (principle.base_follows, principle.base_violates):
+        chat = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+        head = tiny_backend.render(chat)
+        full = tiny_backend.render(chat + [{"role": "assistant", "content": response}], add_generation_prompt=False)
+        by_hand.append(tiny_backend.logprobs([(head, full[len(head):])])[0].logprobs)
+    f, v = by_hand
+    mean_all = (sum(f) - sum(v)) / len(f)
+    first4 = (sum(f[:4]) - sum(v[:4])) / 4
+    got = feedback.contrast_scores(tiny_backend, [(prompt, principle, response)], context="stance")[0]
+    got4 = feedback.contrast_scores(tiny_backend, [(prompt, principle, response)], context="stance", max_tokens=4)[0]
+    assert got == pytest.approx(mean_all, abs=1e-4) and got4 == pytest.approx(first4, abs=1e-4)
+    assert got != pytest.approx(got4, abs=1e-6)
+    judged = feedback.judge(tiny_backend, "contrast", [(prompt, principle, response, "No.")], temperature=0.5,
+                            contrast_context="stance", contrast_max_tokens=4)[0]
+    assert judged.scores["s_a"] == pytest.approx(first4, abs=1e-4)
+
+
+def test_bad_contrast_fewshot_file(tmp_path):
+    from constitutional.errors import CaiError
+
+    path = tmp_path / "contrast.yaml"
+    path.write_text("examples:\n  - {id: x, kind: rude, prompt: p, follows: a, violates: b}\n")
+    with pytest.raises(CaiError, match=r"examples\[0\].kind: expected one of harmless, helpful"):
+        feedback.load_contrast_fewshot(str(path))
+
+
+def test_tokens_read_counts_a_shared_context_prefix_once(tiny_backend):
+    principle = load_constitution("default").feedback_principles[0]
+    demos = feedback.contrast_demos("default", 2)
+    items = [(f"Question number {i}?", principle, "An answer.") for i in range(3)]
+    pairs = feedback.contrast_sequences(tiny_backend, items, context="stance", demos=demos)
+    prefixes = feedback.contrast_prefixes(tiny_backend, items, context="stance", demos=demos)
+    assert all(head.startswith(prefix) for (head, _), prefix in zip(pairs, prefixes, strict=True))
+    assert len(set(prefixes)) == 2  # one follows and one violates context for every comparison
+    plain = feedback.tokens_read(tiny_backend, pairs)
+    cached = feedback.tokens_read(tiny_backend, pairs, prefixes)
+    per_side = [len(tiny_backend.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in set(prefixes)]
+    assert abs((plain - cached) - 2 * sum(per_side)) <= 2 * len(pairs)  # 2 of 3 copies saved, up to boundary merges

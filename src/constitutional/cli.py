@@ -4,7 +4,7 @@
     cai critique-revise [--config CONFIG] --out DIR [--set critique_revise.rounds=3 ...]
     cai sft [--config CONFIG] --out DIR [--set sft.lora=true ...]
     cai label [--config CONFIG] --out DIR [--set label.method=multiple_choice ...]
-    cai label-eval [--config CONFIG] --out DIR [--variants contrast-mean,mc-fewshot-both] [--limit N]
+    cai label-eval [--config CONFIG] --out DIR [--half dev|test|all|dev,test] [--variants contrast-mean,...] [--limit N]
     cai train-pm [--config CONFIG] --out DIR
     cai rl [--config CONFIG] --out DIR
     cai evaluate [--config CONFIG] --out DIR [--set evaluate.extra_models.other=path/to/model ...]
@@ -109,9 +109,11 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("label-eval", help="accuracy, calibration and position bias of each labelling method")
     p.add_argument("--config", help="pipeline YAML (default: built-in defaults)")
-    p.add_argument("--out", required=True, help="run directory (results go to label_eval/results.json)")
-    p.add_argument("--variants", help="comma-separated subset (default: all): mc-zeroshot-one, mc-zeroshot-both, "
-                   "mc-fewshot-one, mc-fewshot-both, cot, contrast-mean, contrast-sum")
+    p.add_argument("--out", required=True, help="run directory (results go to label_eval/results-<half>.json)")
+    p.add_argument("--variants", help="comma-separated subset (default: all), e.g. contrast-mean,contrast-stance,"
+                   "configured (the label section's own settings); the list is in label_eval.VARIANTS")
+    p.add_argument("--half", default="dev", help="which half of the eval pairs to report: dev (default; choose "
+                   "settings on dev only), test, all, or several, e.g. dev,test")
     p.add_argument("--limit", type=int, help="use only the first N pairs of each eval set")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. label.feedback_model=path/to/model")
@@ -185,7 +187,7 @@ def _cmd_label_eval(args) -> int:
     config = load_config(args.config, args.set)
     variants = None
     if args.variants:
-        known = [v.name for v in label_eval.VARIANTS]
+        known = label_eval.variant_names()
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
         for v in variants:
             if v not in known:
@@ -198,10 +200,11 @@ def _cmd_label_eval(args) -> int:
 
         load_constitution(config.constitution)
         check_model_spec(config.label.feedback_model or config.critique_revise.model, "label.feedback_model")
-        counts = {name: len(label_eval.load_eval_pairs(name, args.limit)) for name in label_eval.EVAL_SETS}
+        counts = {f"{name}/{h}": len(label_eval.load_eval_pairs(name, args.limit, h))
+                  for h in args.half.split(",") for name in label_eval.EVAL_SETS}
         print(f"dry run: would score {counts} with {', '.join(variants or [v.name for v in label_eval.VARIANTS])}")
         return 0
-    label_eval.run(config, Path(args.out), variants, args.limit)
+    label_eval.run_halves(config, Path(args.out), variants, args.limit, args.half)
     return 0
 
 

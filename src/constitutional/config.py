@@ -190,7 +190,13 @@ class LabelConfig:
     cot_min: lower clamp of chain-of-thought probabilities.
     cot_max: upper clamp of chain-of-thought probabilities.
     contrast_reduce: ``mean`` (per-token) or ``sum`` log-probability difference.
-    contrast_temperature: T in sigmoid((s_A - s_B) / T) (None: fitted on the shipped eval pairs).
+    contrast_temperature: T in sigmoid((s_A - s_B) / T) (None: fitted on the dev half of the shipped eval pairs).
+    contrast_context: system prompts of the contrast method: ``stance+principle`` (the constitution's
+        ``contrast_base`` stance, then the principle's sentence), ``stance`` (the stance alone) or
+        ``principle`` (the principle's sentence alone).
+    contrast_fewshot: demonstration exchanges before the scored turn of each contrast context (0: none).
+    contrast_fewshot_file: ``default`` (``data/fewshot/contrast.yaml``) or a YAML file of contrast demonstrations.
+    contrast_max_tokens: score only the first N tokens of each response (None: all).
     batch_size: sequences per forward pass.
     device: ``auto`` (cuda if available), ``cpu`` or ``cuda``.
     rlcd_p_chosen: rlcd: the soft label of the follows answer.
@@ -217,13 +223,17 @@ class LabelConfig:
     cot_max: float = 0.6
     contrast_reduce: str = "mean"
     contrast_temperature: float | None = None
+    contrast_context: str = "stance+principle"
+    contrast_fewshot: int = 0
+    contrast_fewshot_file: str = "default"
+    contrast_max_tokens: int | None = None
     batch_size: int = 16
     device: str = "auto"
     rlcd_p_chosen: float = 0.9
     rlcd_rescore: bool = False
 
     def check(self) -> None:
-        from constitutional.feedback import METHODS
+        from constitutional.feedback import CONTRAST_CONTEXTS, METHODS
 
         methods = (*METHODS, "rlcd")
         _require(self.method in methods, "label.method", f"must be one of {', '.join(methods)}")
@@ -235,6 +245,13 @@ class LabelConfig:
         _require(self.contrast_reduce in ("mean", "sum"), "label.contrast_reduce", "must be mean or sum")
         _require(self.contrast_temperature is None or self.contrast_temperature > 0,
                  "label.contrast_temperature", "must be more than 0")
+        _require(self.contrast_context in CONTRAST_CONTEXTS, "label.contrast_context",
+                 f"must be one of {', '.join(CONTRAST_CONTEXTS)}")
+        _require(self.method != "contrast" or self.contrast_context != "stance" or self.ensemble == 1,
+                 "label.ensemble", "must be 1 with contrast_context: stance (every principle gets the same prompts)")
+        _require(self.contrast_fewshot >= 0, "label.contrast_fewshot", "must be 0 or more")
+        _require(self.contrast_max_tokens is None or self.contrast_max_tokens >= 1, "label.contrast_max_tokens",
+                 "must be at least 1")
         _require(self.temperature >= 0, "label.temperature", "must be 0 or more")
         _require(self.limit is None or self.limit >= 1, "label.limit", "must be at least 1")
         _require(self.split in ("train", "heldout", "all"), "label.split", "must be train, heldout or all")

@@ -75,6 +75,9 @@ class FeedbackPrinciple:
     kind: str = "harmless"
     follows: str | None = None
     violates: str | None = None
+    # the constitution's shared stance (``contrast_base``) that starts follows / violates, if any
+    base_follows: str | None = None
+    base_violates: str | None = None
 
 
 @dataclass(frozen=True)
@@ -224,6 +227,8 @@ def _from_yaml(data, path: Path) -> Constitution:
             kind=kind,
             follows=follows,
             violates=violates,
+            base_follows=base[kind][0] if kind in base else None,
+            base_violates=base[kind][1] if kind in base else None,
         )
         if any(q.id == p.id for q in fb):
             raise CaiError(f"{path}: {where}.id: duplicate id {p.id!r}")

@@ -25,11 +25,25 @@ to [0.4, 0.6] (chain-of-thought answers are overconfident).
 system prompt that ``follows`` it and one that ``violates`` it. A response's score is
 s = log P(response | follows) - log P(response | violates), per token (``mean``) or summed
 (``sum``), and P(A) = sigmoid((s_A - s_B) / T) with a temperature T fitted so the labels are
-calibrated on the shipped eval pairs.
+calibrated on the development half of the shipped eval pairs. Options of the contrast method
+(each measured by ``cai label-eval``):
+
+* ``context``: which system prompts: ``stance+principle`` (the constitution's shared
+  ``contrast_base`` stance, then the principle's own sentence: what the loader builds),
+  ``stance`` (the shared stance alone: the same for every principle of a kind) or
+  ``principle`` (the principle's own sentence alone).
+* ``demos``: few-shot contrast. Demonstration exchanges (a request and an answer in the
+  persona's manner: the follows answer in the follows context, the violates answer in the
+  violates one) come as chat turns after the system prompt and before the scored turn.
+* ``max_tokens``: score only the first N tokens of each response (where a response shows
+  whether it complies or declines).
+* ensembling (``label.ensemble``): k principles each give a P(A) and the label is their mean;
+  for the contrast method this costs k times the forward passes.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +52,7 @@ from constitutional.constitution import FeedbackPrinciple
 from constitutional.errors import CaiError
 
 METHODS = ("multiple_choice", "cot", "contrast")
+CONTRAST_CONTEXTS = ("stance+principle", "stance", "principle")
 MC_INTRO = "Consider the following conversation between a human and an assistant:"
 OPTIONS = (" (A)", " (B)")
 COT_START = "Let's think step-by-step:"
@@ -91,14 +106,21 @@ def sigmoid(x: float) -> float:
     return e / (1 + e)
 
 
-def contrast_score(logp_follows: Sequence[float], logp_violates: Sequence[float], reduce: str = "mean") -> float:
+def contrast_score(logp_follows: Sequence[float], logp_violates: Sequence[float], reduce: str = "mean",
+                   max_tokens: int | None = None) -> float:
     """s = log P(response | follows) - log P(response | violates), per token or summed.
+
+    ``max_tokens``: use only the first N tokens of the response (None: all of them).
 
     >>> contrast_score([-1.0, -2.0], [-2.0, -3.0], "sum")
     2.0
     >>> contrast_score([-1.0, -2.0], [-2.0, -3.0], "mean")
     1.0
+    >>> contrast_score([-1.0, -2.0, -1.0], [-2.0, -2.0, -3.0], "mean", max_tokens=2)
+    0.5
     """
+    if max_tokens is not None:
+        logp_follows, logp_violates = logp_follows[:max_tokens], logp_violates[:max_tokens]
     diff = sum(logp_follows) - sum(logp_violates)
     if reduce == "sum":
         return diff
@@ -228,8 +250,80 @@ def mc_prompt(prompt: str, question: str, option_a: str, option_b: str,
     return shots + mc_body(prompt, question, option_a, option_b) + "\nThe answer is:"
 
 
-def contrast_chat(system: str, prompt: str) -> list[dict]:
-    return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+@dataclass(frozen=True)
+class ContrastDemo:
+    """A few-shot contrast demonstration: one request answered in the follows and the violates manner."""
+
+    id: str
+    kind: str
+    prompt: str
+    follows: str
+    violates: str
+
+
+def load_contrast_fewshot(spec: str = "default") -> dict[str, list[ContrastDemo]]:
+    """Contrast demonstrations by kind: ``default`` (``data/fewshot/contrast.yaml``) or a YAML path."""
+    from constitutional.constitution import FEEDBACK_KINDS
+    from constitutional.prompts import load_examples
+
+    demos: dict[str, list[ContrastDemo]] = {kind: [] for kind in FEEDBACK_KINDS}
+    for i, ex in enumerate(load_examples(spec, "contrast.yaml", ("id", "kind", "prompt", "follows", "violates"))):
+        if ex["kind"] not in demos:
+            raise CaiError(f"few-shot file {spec!r}: examples[{i}].kind: expected one of "
+                           f"{', '.join(FEEDBACK_KINDS)}, got {ex['kind']!r}")
+        demos[ex["kind"]].append(ContrastDemo(**ex))
+    return demos
+
+
+@functools.lru_cache(maxsize=8)
+def contrast_demos(spec: str, count: int) -> dict[str, tuple[ContrastDemo, ...]] | None:
+    """The first ``count`` demonstrations of each kind from a contrast few-shot file (None when count is 0)."""
+    if count <= 0:
+        return None
+    return {kind: tuple(items[:count]) for kind, items in load_contrast_fewshot(spec).items()}
+
+
+def contrast_system_prompts(principle: FeedbackPrinciple, context: str = "stance+principle") -> tuple[str, str]:
+    """(follows, violates) system prompts of a principle in one of ``CONTRAST_CONTEXTS``.
+
+    >>> p = FeedbackPrinciple("p", "Which?", "harmless", "Be safe. Be kind.", "Help anyone. Be rude.",
+    ...                       base_follows="Be safe.", base_violates="Help anyone.")
+    >>> contrast_system_prompts(p, "stance"), contrast_system_prompts(p, "principle")
+    (('Be safe.', 'Help anyone.'), ('Be kind.', 'Be rude.'))
+    """
+    if context == "stance+principle":
+        return principle.follows, principle.violates
+    base = (principle.base_follows, principle.base_violates)
+    if context == "stance":
+        if not base[0] or not base[1]:
+            raise CaiError(f"feedback principle {principle.id!r}: contrast context 'stance' needs the constitution's "
+                           f"contrast_base for kind {principle.kind!r}")
+        return base[0], base[1]
+    if context == "principle":
+        own = []
+        for full, stance in zip((principle.follows, principle.violates), base, strict=True):
+            own.append(full[len(stance):].strip() if stance and full and full.startswith(stance) else full)
+        if not own[0] or not own[1]:
+            raise CaiError(f"feedback principle {principle.id!r}: contrast context 'principle' needs its own "
+                           f"follows and violates sentences")
+        return own[0], own[1]
+    raise ValueError(f"unknown contrast context {context!r} (contexts: {', '.join(CONTRAST_CONTEXTS)})")
+
+
+def contrast_chat(system: str, prompt: str, demos: Sequence[ContrastDemo] = (), side: str = "follows") -> list[dict]:
+    """The scored chat's head: system prompt, demonstration turns in the ``side`` manner, the request.
+
+    >>> d = ContrastDemo("d", "harmless", "Q?", "Safe answer.", "Unsafe answer.")
+    >>> [m["content"] for m in contrast_chat("S", "Hi?", [d], side="violates")]
+    ['S', 'Q?', 'Unsafe answer.', 'Hi?']
+    """
+    if side not in ("follows", "violates"):
+        raise ValueError(f"side must be 'follows' or 'violates', got {side!r}")
+    chat = [{"role": "system", "content": system}]
+    for demo in demos:
+        chat += [{"role": "user", "content": demo.prompt},
+                 {"role": "assistant", "content": demo.follows if side == "follows" else demo.violates}]
+    return chat + [{"role": "user", "content": prompt}]
 
 
 # -------------------------------------------------------------------- judging
@@ -302,27 +396,47 @@ def judge_cot(backend, items: Sequence[tuple[str, str, str, str]], max_new_token
     return out
 
 
-def contrast_scores(backend, items: Sequence[tuple[str, FeedbackPrinciple, str]], reduce: str = "mean") -> list[float]:
+def contrast_scores(backend, items: Sequence[tuple[str, FeedbackPrinciple, str]], reduce: str = "mean", *,
+                    context: str = "stance+principle", demos=None, max_tokens: int | None = None) -> list[float]:
     """s = log P(response | follows) - log P(response | violates) for (prompt, principle, response)."""
-    return [contrast_score(f, v, reduce) for f, v in contrast_token_logprobs(backend, items)]
+    scored = contrast_token_logprobs(backend, items, context=context, demos=demos)
+    return [contrast_score(f, v, reduce, max_tokens) for f, v in scored]
 
 
-def contrast_token_logprobs(backend, items: Sequence[tuple[str, FeedbackPrinciple, str]]
+def contrast_sequences(backend, items: Sequence[tuple[str, FeedbackPrinciple, str]], *,
+                       context: str = "stance+principle", demos=None) -> list[tuple[str, str]]:
+    """The (head, continuation) texts to score: two per item, follows then violates.
+
+    The head is the rendered chat up to the assistant turn (system prompt, ``demos[kind]`` as
+    chat turns, the request); the continuation is the response as the chat template ends it.
+    ``demos``: a mapping kind -> demonstrations (None: zero-shot).
+    """
+    pairs = []
+    for prompt, principle, response in items:
+        shots = (demos or {}).get(principle.kind, ())
+        for side, system in zip(("follows", "violates"), contrast_system_prompts(principle, context), strict=True):
+            chat = contrast_chat(system, prompt, shots, side)
+            head = backend.render(chat, add_generation_prompt=True)
+            full = backend.render(chat + [{"role": "assistant", "content": response}], add_generation_prompt=False)
+            if not full.startswith(head):
+                raise CaiError("the feedback model's chat template does not render the prompt as a prefix")
+            pairs.append((head, full[len(head):]))
+    return pairs
+
+
+def contrast_token_logprobs(backend, items: Sequence[tuple[str, FeedbackPrinciple, str]], *,
+                            context: str = "stance+principle", demos=None
                             ) -> list[tuple[list[float], list[float]]]:
     """Per-token log-probs of each response under the follows and the violates system prompt.
 
     Responses scored after the same head (system prompt + conversation: both responses of a
     comparison) share one pass over it when the backend offers ``logprobs_grouped``.
     """
-    pairs = []
-    for prompt, principle, response in items:
-        for system in (principle.follows, principle.violates):
-            chat = contrast_chat(system, prompt)
-            head = backend.render(chat, add_generation_prompt=True)
-            full = backend.render(chat + [{"role": "assistant", "content": response}], add_generation_prompt=False)
-            if not full.startswith(head):
-                raise CaiError("the feedback model's chat template does not render the prompt as a prefix")
-            pairs.append((head, full[len(head):]))
+    return score_contrast_sequences(backend, contrast_sequences(backend, items, context=context, demos=demos))
+
+
+def score_contrast_sequences(backend, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[float], list[float]]]:
+    """Per-token log-probs of ``contrast_sequences`` output: (follows, violates) for each item."""
     if hasattr(backend, "logprobs_grouped"):
         by_head: dict[str, list[int]] = {}
         for k, (head, _) in enumerate(pairs):
@@ -334,20 +448,56 @@ def contrast_token_logprobs(backend, items: Sequence[tuple[str, FeedbackPrincipl
                 scored[k] = result
     else:
         scored = backend.logprobs(pairs)
-    return [(scored[2 * i].logprobs, scored[2 * i + 1].logprobs) for i in range(len(items))]
+    return [(scored[2 * i].logprobs, scored[2 * i + 1].logprobs) for i in range(len(pairs) // 2)]
+
+
+def contrast_prefixes(backend, items: Sequence[tuple[str, FeedbackPrinciple, str]], *,
+                      context: str = "stance+principle", demos=None) -> list[str]:
+    """The context part (system prompt + demonstrations) of each head of ``contrast_sequences``.
+
+    Many comparisons share it, so a backend with a prefix cache (vLLM's) reads each distinct one once.
+    """
+    out = []
+    for _, principle, _ in items:
+        shots = (demos or {}).get(principle.kind, ())
+        for side, system in zip(("follows", "violates"), contrast_system_prompts(principle, context), strict=True):
+            out.append(backend.render(contrast_chat(system, "", shots, side)[:-1], add_generation_prompt=False))
+    return out
+
+
+def tokens_read(backend, pairs: Sequence[tuple[str, str]], prefixes: Sequence[str] | None = None) -> int:
+    """Tokens a contrast pass reads: each distinct head once, every continuation.
+
+    With ``prefixes`` (``contrast_prefixes``), each distinct context prefix is counted once, as a
+    prefix cache would read it, and each head only past its prefix. Counted with the backend's
+    tokenizer where it has one, else in whitespace-separated words.
+    """
+    tokenizer = getattr(backend, "tokenizer", None)
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if tokenizer else len(text.split())
+
+    tails = sum(count(c) for _, c in pairs)
+    if prefixes is None:
+        return sum(count(h) for h in {h for h, _ in pairs}) + tails
+    heads = {h: p if h.startswith(p) else "" for (h, _), p in zip(pairs, prefixes, strict=True)}
+    return (sum(count(p) for p in set(heads.values())) + sum(count(h[len(p):]) for h, p in heads.items())
+            + tails)
 
 
 def judge_contrast(backend, items: Sequence[tuple[str, FeedbackPrinciple, str, str]], temperature: float,
-                   reduce: str = "mean", token_logprobs=None) -> list[Judgement]:
+                   reduce: str = "mean", token_logprobs=None, *, context: str = "stance+principle",
+                   demos=None, max_tokens: int | None = None) -> list[Judgement]:
     """items: (prompt, principle, response_a, response_b).
 
     ``token_logprobs``: the result of ``contrast_token_logprobs`` on the flattened responses,
-    if already computed (label-eval scores once and reduces both ways).
+    if already computed (label-eval scores once and reduces several ways). ``context``,
+    ``demos`` and ``max_tokens``: see the module docstring.
     """
     flat = [(p, pr, r) for p, pr, a, b in items for r in (a, b)]
     if token_logprobs is None:
-        token_logprobs = contrast_token_logprobs(backend, flat)
-    s = [contrast_score(f, v, reduce) for f, v in token_logprobs]
+        token_logprobs = contrast_token_logprobs(backend, flat, context=context, demos=demos)
+    s = [contrast_score(f, v, reduce, max_tokens) for f, v in token_logprobs]
     out = []
     for i in range(len(items)):
         s_a, s_b = s[2 * i], s[2 * i + 1]
@@ -358,14 +508,16 @@ def judge_contrast(backend, items: Sequence[tuple[str, FeedbackPrinciple, str, s
 def judge(backend, method: str, items: Sequence[tuple[str, FeedbackPrinciple, str, str]], *,
           fewshot: Sequence[LabelExample] = (), both_orders: bool = True, temperature: float = 1.0,
           reduce: str = "mean", cot_max_new_tokens: int = 96, cot_min: float = 0.4,
-          cot_max: float = 0.6) -> list[Judgement]:
+          cot_max: float = 0.6, contrast_context: str = "stance+principle", contrast_demos=None,
+          contrast_max_tokens: int | None = None) -> list[Judgement]:
     """Judge (prompt, principle, response A, response B) items with one of ``METHODS``.
 
     Multiple choice and chain of thought ask the principle's question (``text``); contrast
     uses its follows/violates system prompts. The keyword settings of other methods are ignored.
     """
     if method == "contrast":
-        return judge_contrast(backend, items, temperature, reduce)
+        return judge_contrast(backend, items, temperature, reduce, context=contrast_context,
+                              demos=contrast_demos, max_tokens=contrast_max_tokens)
     questions = [(p, principle.text, a, b) for p, principle, a, b in items]
     if method == "multiple_choice":
         return judge_multiple_choice(backend, questions, fewshot, both_orders)

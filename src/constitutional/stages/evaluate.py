@@ -615,11 +615,11 @@ def _fit_contrast_temperature(config: PipelineConfig, judge) -> float:
 
     constitution = load_constitution(config.constitution)
     pools = {kind: [p for p in constitution.feedback_principles if p.kind == kind] for kind in ("harmless", "helpful")}
-    return _fit_temperature(judge, pools, config.seed, config.label.contrast_reduce)
+    return _fit_temperature(judge, pools, config.seed, config.label)
 
 
 def judge_validity(config: PipelineConfig, stage_dir: Path, judge, judge_spec: str, pools) -> dict:
-    """The judge's accuracy on the shipped pairs with a known better answer (cached per settings).
+    """The judge's accuracy on the test half of the shipped pairs (never used for choosing settings).
 
     A judge within 0.1 of chance (0.5) on an axis gets a warning: its Elo on that axis says little.
     """
@@ -631,7 +631,8 @@ def judge_validity(config: PipelineConfig, stage_dir: Path, judge, judge_spec: s
     path = stage_dir / "judge_validity.json"
     key = {"judge": judge_spec, "method": cfg.method, "reduce": cfg.contrast_reduce, "fewshot": cfg.fewshot,
            "both_orders": cfg.both_orders, "constitution": config.constitution, "seed": config.seed,
-           "pairs": config.evaluate.judge_pairs}
+           "pairs": config.evaluate.judge_pairs, "half": "test", "context": cfg.contrast_context,
+           "contrast_fewshot": cfg.contrast_fewshot, "contrast_max_tokens": cfg.contrast_max_tokens}
     if path.is_file():
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
@@ -639,7 +640,7 @@ def judge_validity(config: PipelineConfig, stage_dir: Path, judge, judge_spec: s
     fewshot = feedback.load_label_fewshot(cfg.fewshot_file)[:cfg.fewshot] if cfg.method == "multiple_choice" else []
     result: dict = {"key": key, "method": cfg.method, "model": judge_spec, "sets": {}, "warnings": []}
     for name in EVAL_SETS:
-        pairs = load_eval_pairs(name, config.evaluate.judge_pairs)
+        pairs = load_eval_pairs(name, config.evaluate.judge_pairs, half="test")
         pool = [p for p in load_constitution(config.constitution).feedback_principles if p.kind == name]
         items = [(r["prompt"], sample_principles(pool, 1, config.seed, r["id"])[0], r["a"], r["b"]) for r in pairs]
         judged = feedback.judge(judge, cfg.method, items, **judge_settings(cfg, fewshot, 1.0))
@@ -649,7 +650,7 @@ def judge_validity(config: PipelineConfig, stage_dir: Path, judge, judge_spec: s
                                 "position_bias": stats["position_bias"]}
         if abs(stats["accuracy"] - 0.5) <= 0.1:
             result["warnings"].append(f"the judge agrees with the known better answer on only "
-                                      f"{stats['accuracy']:.0%} of the shipped {name} pairs (chance is 50%): "
+                                      f"{stats['accuracy']:.0%} of the shipped {name} test pairs (chance is 50%): "
                                       f"its {axis} Elo says little")
     write_json(path, result)
     return result

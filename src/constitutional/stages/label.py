@@ -97,8 +97,8 @@ def run(config: PipelineConfig, out_dir: str | Path, policy_backend=None, feedba
             else:
                 feedback_backend = load_backend(feedback_spec, batch_size=cfg.batch_size, device=cfg.device)
         if (cfg.method == "contrast" or (cfg.method == "rlcd" and cfg.rlcd_rescore)) and temperature is None:
-            temperature = _fit_temperature(feedback_backend, pools, config.seed, cfg.contrast_reduce)
-            _log(f"contrast temperature fitted on the shipped eval pairs: {temperature:.4f}")
+            temperature = _fit_temperature(feedback_backend, pools, config.seed, cfg)
+            _log(f"contrast temperature fitted on the dev half of the shipped eval pairs: {temperature:.4f}")
         from constitutional.backends.base import SamplingParams
 
         bar = progress.bar(len(todo), "label", "cmp")
@@ -249,22 +249,27 @@ def _rlcd_rows(pairs, cfg, backend, temperature, policy_spec: str, feedback_spec
 
 def judge_settings(cfg, fewshot, temperature) -> dict:
     """The ``feedback.judge`` keyword settings of a ``label`` config section."""
+    from constitutional.feedback import contrast_demos
+
     return {"fewshot": fewshot, "both_orders": cfg.both_orders, "temperature": temperature,
             "reduce": cfg.contrast_reduce, "cot_max_new_tokens": cfg.cot_max_new_tokens,
-            "cot_min": cfg.cot_min, "cot_max": cfg.cot_max}
+            "cot_min": cfg.cot_min, "cot_max": cfg.cot_max, "contrast_context": cfg.contrast_context,
+            "contrast_demos": contrast_demos(cfg.contrast_fewshot_file, cfg.contrast_fewshot),
+            "contrast_max_tokens": cfg.contrast_max_tokens}
 
 
-def _fit_temperature(backend, pools, seed: int, reduce: str) -> float:
-    """Fit the contrast temperature on the shipped eval pairs (measurement data, not training)."""
+def _fit_temperature(backend, pools, seed: int, cfg) -> float:
+    """Fit the contrast temperature on the dev half of the shipped eval pairs (measurement data, not training)."""
     from constitutional import feedback
     from constitutional.stages.label_eval import EVAL_SETS, load_eval_pairs
 
     diffs = []
     for name in EVAL_SETS:
-        pairs = load_eval_pairs(name)
+        pairs = load_eval_pairs(name, half="dev")
         items = [(r["prompt"], sample_principles(pools[name], 1, seed, r["id"])[0], r["chosen"], r["rejected"])
                  for r in pairs]
-        diffs += [j.scores["s_a"] - j.scores["s_b"] for j in feedback.judge_contrast(backend, items, 1.0, reduce)]
+        settings = {**judge_settings(cfg, [], 1.0), "fewshot": ()}
+        diffs += [j.scores["s_a"] - j.scores["s_b"] for j in feedback.judge(backend, "contrast", items, **settings)]
     return feedback.fit_temperature(diffs)
 
 

@@ -1,28 +1,52 @@
 """``cai label-eval``: how far to trust a feedback model's labels, method by method.
 
-Scores the shipped comparisons whose better answer is known (``data/eval/harmless_pairs.jsonl``:
-a compliant harmful answer vs. a harmless, non-evasive one; ``data/eval/helpful_pairs.jsonl``:
-a good answer vs. a poor or evasive one) with every labelling method of ``feedback.py`` and
-reports, per method and data set: accuracy (P(chosen) > 0.5), mean confidence, expected
-calibration error (ECE) and position bias (the share of pairs judged "A", whatever the
-content; the better answer is option A in half the pairs, so an unbiased labeller is near
-0.5). These pairs are for measurement only; nothing trains on them.
+Scores comparisons whose better answer is known with every labelling method of ``feedback.py``
+and reports, per method and data set: accuracy (P(better) > 0.5, a tie counts half), mean
+confidence, expected calibration error (ECE), position bias (the share of pairs judged "A",
+whatever the content: the better answer is option A in every other pair of a file, so an
+unbiased labeller is near 0.5), the tokens the method reads per comparison and the seconds it
+took. These pairs are for measurement only; nothing trains on them.
 
-For the contrast method the temperature T is fitted on one half of the pairs and applied to
-the other (two-fold), so its ECE is not measured on the pairs it was fitted on; the T fitted
-on all pairs is reported for use as ``label.contrast_temperature``.
+The pairs (``data/eval/``):
+
+* ``harmless_pairs.jsonl`` (165) and ``helpful_pairs.jsonl`` (65): a compliant harmful answer vs.
+  a harmless, non-evasive one; a good answer vs. a poor or evasive one.
+* ``harmless_styles.jsonl`` (120, test half only): harmless pairs written in other styles (long
+  and short harmful answers, partial compliance, harmful answers wrapped in disclaimers,
+  refusals that lecture, polite harm vs. a blunt safe answer), on prompts of their own.
+
+Dev and test halves. Every row carries a ``split`` field. Choose prompts, stances, variants and
+temperatures on ``dev`` only; ``test`` is for reporting. For the two original files the field was
+written once by :func:`split_rule` (a test checks it still holds): rows sorted by (position of
+the better answer, which answer is longer, category, CRC-32 of the id) are dealt alternately to
+dev and test, so each half has both positions, both "longer" values and every category in equal
+measure (to within one). ``harmless_styles.jsonl`` is all ``test``. ``cai label-eval`` reports
+``--half dev`` unless told otherwise, so nobody tunes on the test half by accident.
+
+Temperature of the contrast method: T is fitted on dev pairs only (both kinds pooled, one
+principle a pair) and reported as ``temperature_dev`` (use it as ``label.contrast_temperature``).
+On the test half the reported ECE uses that T, so it is out of sample. On the dev half (and on
+``all``) ECE is two-fold cross-fitted: T fitted on one fold labels the other.
+
+Variants: the paper's multiple choice and chain of thought, and the contrast method with the
+options of ``feedback.py`` (system-prompt context, principle ensembles, few-shot demonstrations,
+first-N-token scores); ``configured`` is the contrast method exactly as the ``label`` section of
+the config sets it (what ``cai label`` runs).
 
 Run:
-    cai label-eval --config configs/smollm2-cpu.yaml --out runs/demo
+    cai label-eval --config configs/smollm2-cpu.yaml --out runs/label-eval             # dev half
+    cai label-eval --out runs/x --half dev,test --variants contrast-mean,contrast-stance
     cai label-eval --out runs/x --limit 40 --variants contrast-mean,mc-fewshot-both
 
-Writes ``label_eval/results.json`` and prints a table.
+Writes ``label_eval/results-<half>.json`` (every pair's P(A) included) and prints a table per half.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -33,16 +57,24 @@ from constitutional.errors import CaiError
 from constitutional.records import iter_jsonl, write_json
 
 STAGE_DIR = "label_eval"
-EVAL_SETS = {"harmless": "harmless_pairs.jsonl", "helpful": "helpful_pairs.jsonl"}
+# data set -> its files; the first file of each set is split by split_rule, later ones are test-only
+EVAL_SETS = {"harmless": ("harmless_pairs.jsonl", "harmless_styles.jsonl"), "helpful": ("helpful_pairs.jsonl",)}
+HALVES = ("dev", "test", "all")
 
 
 @dataclass(frozen=True)
 class Variant:
+    """One labelling setting to measure. Contrast fields mirror the ``label.contrast_*`` config fields."""
+
     name: str
     method: str
     fewshot: bool = False
     both_orders: bool = False
     reduce: str = "mean"
+    context: str = "stance+principle"
+    ensemble: int = 1
+    demos: int = 0
+    max_tokens: int | None = None
 
 
 VARIANTS = (
@@ -53,22 +85,81 @@ VARIANTS = (
     Variant("cot", "cot"),
     Variant("contrast-mean", "contrast", reduce="mean"),
     Variant("contrast-sum", "contrast", reduce="sum"),
+    Variant("contrast-stance", "contrast", context="stance"),
+    Variant("contrast-principle", "contrast", context="principle"),
+    Variant("contrast-ens3", "contrast", ensemble=3),
+    Variant("contrast-ens5", "contrast", ensemble=5),
+    Variant("contrast-fewshot1", "contrast", demos=1),
+    Variant("contrast-fewshot2", "contrast", demos=2),
+    Variant("contrast-stance-fewshot2", "contrast", context="stance", demos=2),
+    Variant("contrast-first16", "contrast", max_tokens=16),
+    Variant("contrast-first32", "contrast", max_tokens=32),
+    Variant("contrast-stance-first32", "contrast", context="stance", max_tokens=32),
 )
+CONFIGURED = "configured"  # the contrast method as the config's label section sets it
 
 
-def load_eval_pairs(name: str, limit: int | None = None) -> list[dict]:
-    """A shipped eval set; option A is the better answer in every other pair."""
-    path = Path(str(resources.files("constitutional") / "data" / "eval" / EVAL_SETS[name]))
+def configured_variant(cfg) -> Variant:
+    """The contrast variant that ``cai label`` runs with this ``label`` config section."""
+    return Variant(CONFIGURED, "contrast", reduce=cfg.contrast_reduce, context=cfg.contrast_context,
+                   ensemble=cfg.ensemble, demos=cfg.contrast_fewshot, max_tokens=cfg.contrast_max_tokens)
+
+
+def variant_names() -> list[str]:
+    return [v.name for v in VARIANTS] + [CONFIGURED]
+
+
+# ------------------------------------------------------------------ the pairs
+
+
+def split_rule(rows: list[dict]) -> list[str]:
+    """The dev/test half of each row of an eval file (rows in file order).
+
+    Rows sorted by (position of the better answer = row parity, ``longer``, ``category``,
+    CRC-32 of ``id``) are dealt alternately to dev and test: every such group is halved to
+    within one row, and the result depends on nothing but the rows.
+
+    >>> rows = [{"id": f"x-{i}", "longer": "chosen" if i < 2 else "rejected", "category": "c"} for i in range(4)]
+    >>> split_rule(rows)
+    ['dev', 'dev', 'test', 'test']
+    """
+    order = sorted(range(len(rows)), key=lambda i: (i % 2, rows[i]["longer"], rows[i]["category"],
+                                                    zlib.crc32(rows[i]["id"].encode())))
+    out = [""] * len(rows)
+    for k, i in enumerate(order):
+        out[i] = "dev" if k % 2 == 0 else "test"
+    return out
+
+
+def eval_path(file: str) -> Path:
+    return Path(str(resources.files("constitutional") / "data" / "eval" / file))
+
+
+def load_eval_pairs(name: str, limit: int | None = None, half: str = "all") -> list[dict]:
+    """The pairs of a shipped eval set in one half (``dev``, ``test`` or ``all``).
+
+    Option A is the better answer in every other row of each file (by row index in the file,
+    whatever the half). Each row says which file it came from (``source``) and its ``split``.
+    """
+    if half not in HALVES:
+        raise CaiError(f"eval half {half!r}: expected one of {', '.join(HALVES)}")
     rows = []
-    for i, row in enumerate(iter_jsonl(path)):
-        chosen_is_a = i % 2 == 0
-        rows.append({
-            "id": row["id"], "prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"],
-            "a": row["chosen"] if chosen_is_a else row["rejected"],
-            "b": row["rejected"] if chosen_is_a else row["chosen"],
-            "chosen_is_a": chosen_is_a,
-        })
+    for file in EVAL_SETS[name]:
+        for i, row in enumerate(iter_jsonl(eval_path(file))):
+            if half != "all" and row["split"] != half:
+                continue
+            chosen_is_a = i % 2 == 0
+            rows.append({
+                "id": row["id"], "prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"],
+                "a": row["chosen"] if chosen_is_a else row["rejected"],
+                "b": row["rejected"] if chosen_is_a else row["chosen"],
+                "chosen_is_a": chosen_is_a, "split": row["split"], "source": file.rsplit(".", 1)[0],
+                "category": row.get("category"), "style": row.get("style"),
+            })
     return rows[:limit] if limit else rows
+
+
+# ------------------------------------------------------------------ metrics
 
 
 def summarise(p_a: list[float], chosen_is_a: list[bool]) -> dict:
@@ -83,6 +174,8 @@ def summarise(p_a: list[float], chosen_is_a: list[bool]) -> dict:
 
     p_chosen = [p if a else 1 - p for p, a in zip(p_a, chosen_is_a, strict=True)]
     n = len(p_chosen)
+    if not n:
+        return {"n": 0}
     return {
         "n": n,
         "accuracy": round(sum(1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in p_chosen) / n, 4),
@@ -92,23 +185,89 @@ def summarise(p_a: list[float], chosen_is_a: list[bool]) -> dict:
     }
 
 
+def ensemble_p_a(member_diffs: list[list[float]], temperature: float) -> list[float]:
+    """P(A) of each pair: the mean over ensemble members of sigmoid((s_A - s_B) / T).
+
+    ``member_diffs[k][i]`` is member k's s_A - s_B on pair i (what ``cai label`` averages).
+
+    >>> [round(p, 4) for p in ensemble_p_a([[1.0, 0.0], [-1.0, 2.0]], 1.0)]
+    [0.5, 0.6904]
+    """
+    from constitutional.feedback import sigmoid
+
+    k = len(member_diffs)
+    return [sum(sigmoid(d[i] / temperature) for d in member_diffs) / k for i in range(len(member_diffs[0]))]
+
+
+def _summary(rows: list[dict], p_a: list[float]) -> dict:
+    """The summary of a set, of each of its source files if it has several, and every pair's P(A)."""
+    out = summarise(p_a, [r["chosen_is_a"] for r in rows])
+    sources = sorted({r["source"] for r in rows})
+    if len(sources) > 1:
+        out["parts"] = {s: summarise([p for p, r in zip(p_a, rows, strict=True) if r["source"] == s],
+                                     [r["chosen_is_a"] for r in rows if r["source"] == s]) for s in sources}
+    out["p_a"] = {r["id"]: round(p, 6) for r, p in zip(rows, p_a, strict=True)}
+    return out
+
+
+# ------------------------------------------------------------------ running
+
+
+def run_halves(config: PipelineConfig, out_dir: str | Path, variants: list[str] | None = None,
+               limit: int | None = None, halves: str = "dev", backend=None) -> dict:
+    """``run`` on each of the comma-separated ``halves`` (e.g. ``dev,test``) with one model and shared scores."""
+    names = [h.strip() for h in halves.split(",") if h.strip()]
+    for h in names:
+        if h not in HALVES:
+            raise CaiError(f"--half {h!r}: expected one of {', '.join(HALVES)}")
+    if backend is None:
+        from constitutional.backends import load_backend
+
+        cfg = config.label
+        backend = load_backend(cfg.feedback_model or config.critique_revise.model, batch_size=cfg.batch_size,
+                               device=cfg.device)
+    cache: dict = {}
+    return {h: run(config, out_dir, variants, limit, backend, h, cache) for h in names}
+
+
 def run(config: PipelineConfig, out_dir: str | Path, variants: list[str] | None = None,
-        limit: int | None = None, backend=None) -> dict:
+        limit: int | None = None, backend=None, half: str = "dev", cache: dict | None = None) -> dict:
+    """Measure ``variants`` (default: all) on one half of the shipped pairs; write and print the table.
+
+    ``cache``: contrast token log-probs from an earlier call with the same model (``run_halves``).
+    """
     from constitutional import feedback
 
     cfg = config.label
+    if half not in HALVES:
+        raise CaiError(f"--half {half!r}: expected one of {', '.join(HALVES)}")
     known = {v.name: v for v in VARIANTS}
-    chosen = [known[n] for n in variants] if variants else list(VARIANTS)
+    known[CONFIGURED] = configured_variant(cfg)
+    for name in variants or []:
+        if name not in known:
+            raise CaiError(f"unknown label-eval variant {name!r} (known: {', '.join(known)})")
+    chosen = [known[n] for n in variants] if variants else list(known.values())
     constitution = load_constitution(config.constitution)
     principles = {kind: [p for p in constitution.feedback_principles if p.kind == kind] for kind in EVAL_SETS}
     for kind, items in principles.items():
         if not items:
             raise CaiError(f"constitution has no feedback principles of kind {kind!r}")
-    if any(v.method == "contrast" for v in chosen):
+    contrast = [v for v in chosen if v.method == "contrast"]
+    if contrast:
         for items in principles.values():
             feedback.check_contrast_principles(items)
+            for v in contrast:
+                feedback.contrast_system_prompts(items[0], v.context)  # a missing stance fails here, early
+    all_demos = feedback.load_contrast_fewshot(cfg.contrast_fewshot_file)
+    for v in contrast:
+        for kind in EVAL_SETS:
+            if v.demos > len(all_demos[kind]):
+                raise CaiError(f"variant {v.name}: {v.demos} demonstrations asked, the contrast few-shot file has "
+                               f"{len(all_demos[kind])} of kind {kind!r}")
     fewshot = feedback.load_label_fewshot(cfg.fewshot_file)[:cfg.fewshot]
-    data = {name: load_eval_pairs(name, limit) for name in EVAL_SETS}
+    # The test half's contrast temperature comes from the dev half, so scoring test also scores dev.
+    halves = [half] if half != "test" or not contrast else ["dev", "test"]
+    data = {h: {name: load_eval_pairs(name, limit, h) for name in EVAL_SETS} for h in halves}
 
     model_spec = cfg.feedback_model or config.critique_revise.model
     if backend is None:
@@ -116,70 +275,137 @@ def run(config: PipelineConfig, out_dir: str | Path, variants: list[str] | None 
 
         backend = load_backend(model_spec, batch_size=cfg.batch_size, device=cfg.device)
 
-    results: dict = {"feedback_model": model_spec, "fewshot": len(fewshot), "variants": {}}
-    contrast_cache: dict = {}  # both contrast reductions share the same forward passes
+    results: dict = {"feedback_model": model_spec, "half": half, "fewshot": len(fewshot),
+                     "pairs": {name: len(rows) for name, rows in data[half].items()}, "variants": {}}
+    cache = {} if cache is None else cache  # token log-probs by (half, set, context, demos, principles)
     for variant in chosen:
-        entry: dict = {}
-        start = time.time()
-        for name, pairs in data.items():
-            picked = [sample_principles(principles[name], 1, config.seed, row["id"])[0] for row in pairs]
-            truth = [row["chosen_is_a"] for row in pairs]
-            items = [(r["prompt"], p, r["a"], r["b"]) for r, p in zip(pairs, picked, strict=True)]
-            if variant.method != "contrast":
-                judged = feedback.judge(backend, variant.method, items, fewshot=fewshot if variant.fewshot else (),
-                                        both_orders=variant.both_orders, cot_max_new_tokens=cfg.cot_max_new_tokens,
-                                        cot_min=cfg.cot_min, cot_max=cfg.cot_max)
-                entry[name] = summarise([j.p_a for j in judged], truth)
-            else:
-                if name not in contrast_cache:
-                    flat = [(p, pr, x) for p, pr, a, b in items for x in (a, b)]
-                    contrast_cache[name] = feedback.contrast_token_logprobs(backend, flat)
-                judged = feedback.judge_contrast(backend, items, temperature=1.0, reduce=variant.reduce,
-                                                 token_logprobs=contrast_cache[name])
-                diffs = [(j.scores["s_a"] - j.scores["s_b"]) * (1 if a else -1) for j, a in zip(judged, truth,
-                                                                                                 strict=True)]
-                entry[name] = _cross_fitted(judged, truth, diffs)
-                entry[name]["diffs"] = [round(d, 5) for d in diffs]
-            _log(f"{variant.name} on {name}: accuracy {entry[name]['accuracy']:.3f}, ECE {entry[name]['ece']:.3f}, "
-                 f"position bias {entry[name]['position_bias']:.3f}")
         if variant.method == "contrast":
-            all_diffs = [d for name in EVAL_SETS for d in entry[name].pop("diffs")]
-            entry["temperature_all_pairs"] = round(feedback.fit_temperature(all_diffs), 5)
-        entry["seconds"] = round(time.time() - start, 1)
+            entry = _contrast_variant(backend, variant, data, half, principles, all_demos, config.seed, cache)
+        else:
+            entry = _choice_variant(backend, variant, data[half], principles, fewshot, cfg, config.seed)
+        for name in EVAL_SETS:
+            _log(f"{variant.name} on {half} {name}: accuracy {entry[name]['accuracy']:.3f}, "
+                 f"ECE {entry[name]['ece']:.3f}, position bias {entry[name]['position_bias']:.3f}")
         results["variants"][variant.name] = entry
-        write_json(Path(out_dir) / STAGE_DIR / "results.json", results)  # after each variant
+        write_json(Path(out_dir) / STAGE_DIR / f"results-{half}.json", results)  # after each variant
     print(table(results))
     return results
 
 
-def _cross_fitted(judged, truth: list[bool], diffs: list[float]) -> dict:
-    """Two-fold: T fitted on the even pairs labels the odd ones, and the other way round."""
-    from constitutional.feedback import contrast_p_a, fit_temperature
+def _choice_variant(backend, variant: Variant, data: dict, principles: dict, fewshot, cfg, seed: int) -> dict:
+    """Multiple choice or chain of thought on one half; one principle a pair."""
+    from constitutional import feedback
 
-    p_a = [0.0] * len(judged)
-    for fold in (0, 1):
-        fit_on = [d for i, d in enumerate(diffs) if i % 2 != fold]
-        t = fit_temperature(fit_on) if fit_on else 1.0
-        for i, j in enumerate(judged):
-            if i % 2 == fold:
-                p_a[i] = contrast_p_a(j.scores["s_a"], j.scores["s_b"], t)
-    summary = summarise(p_a, truth)
-    summary["temperature"] = round(fit_temperature(diffs), 5)
-    return summary
+    entry: dict = {}
+    start = time.time()
+    for name, pairs in data.items():
+        picked = [sample_principles(principles[name], 1, seed, row["id"])[0] for row in pairs]
+        items = [(r["prompt"], p, r["a"], r["b"]) for r, p in zip(pairs, picked, strict=True)]
+        judged = feedback.judge(backend, variant.method, items, fewshot=fewshot if variant.fewshot else (),
+                                both_orders=variant.both_orders, cot_max_new_tokens=cfg.cot_max_new_tokens,
+                                cot_min=cfg.cot_min, cot_max=cfg.cot_max)
+        entry[name] = _summary(pairs, [j.p_a for j in judged])
+    entry["seconds"] = round(time.time() - start, 1)
+    return entry
+
+
+def _contrast_variant(backend, variant: Variant, data: dict, half: str, principles: dict, all_demos: dict,
+                      seed: int, cache: dict) -> dict:
+    """A contrast variant: per-member score differences on every half needed, T from dev, P(A), metrics."""
+    from constitutional import feedback
+
+    demos = {kind: items[:variant.demos] for kind, items in all_demos.items()}
+    diffs: dict = {}  # (half, set) -> [member][pair] s_A - s_B
+    seconds = {h: 0.0 for h in data}
+    tokens = {h: 0 for h in data}
+    tokens_cached = {h: 0 for h in data}  # each distinct system prompt + demonstrations read once
+    for h, sets in data.items():
+        for name, pairs in sets.items():
+            draws = [sample_principles(principles[name], variant.ensemble, seed, r["id"]) for r in pairs]
+            members = []
+            for k in range(variant.ensemble if h == half else 1):  # T needs only member 0 of dev
+                picked = [d[k] for d in draws]
+                key = (h, name, variant.context, variant.demos, tuple(p.id for p in picked))
+                flat = [(r["prompt"], p, x) for r, p in zip(pairs, picked, strict=True) for x in (r["a"], r["b"])]
+                if key not in cache:
+                    start = time.time()
+                    sequences = feedback.contrast_sequences(backend, flat, context=variant.context, demos=demos)
+                    logprobs = feedback.score_contrast_sequences(backend, sequences)
+                    spent = time.time() - start
+                    prefixes = feedback.contrast_prefixes(backend, flat, context=variant.context, demos=demos)
+                    cache[key] = (logprobs, spent, feedback.tokens_read(backend, sequences),
+                                  feedback.tokens_read(backend, sequences, prefixes))
+                logprobs, spent, read, read_cached = cache[key]
+                seconds[h] += spent
+                tokens[h] += _tokens_kept(read, logprobs, variant.max_tokens)
+                tokens_cached[h] += _tokens_kept(read_cached, logprobs, variant.max_tokens)
+                scores = [feedback.contrast_score(f, v, variant.reduce, variant.max_tokens) for f, v in logprobs]
+                members.append([scores[2 * i] - scores[2 * i + 1] for i in range(len(pairs))])
+            diffs[(h, name)] = members
+
+    def signed(h: str, name: str, fold=None) -> list[float]:  # s_better - s_worse of member 0, for fitting T
+        rows = data[h][name]
+        return [d * (1 if r["chosen_is_a"] else -1) for i, (d, r) in enumerate(zip(diffs[(h, name)][0], rows,
+                                                                                      strict=True))
+                if fold is None or i % 2 != fold]
+
+    entry: dict = {}
+    dev_half = "dev" if "dev" in data else half  # with --half all, the dev rows of it
+    dev_diffs = [d for name in EVAL_SETS
+                 for d, r in zip(signed(dev_half, name), data[dev_half][name], strict=True) if r["split"] == "dev"]
+    t_dev = feedback.fit_temperature(dev_diffs) if dev_diffs else 1.0
+    for name in EVAL_SETS:
+        rows = data[half][name]
+        if half == "test":
+            p_a = ensemble_p_a(diffs[(half, name)], t_dev) if rows else []
+        else:  # two-fold: T fitted on one fold (both sets pooled) labels the other
+            p_a = [0.0] * len(rows)
+            for fold in (0, 1):
+                fit_on = [d for n in EVAL_SETS for d in signed(half, n, fold)]
+                t = feedback.fit_temperature(fit_on) if fit_on else 1.0
+                fold_p = ensemble_p_a(diffs[(half, name)], t) if rows else []
+                for i in range(fold, len(rows), 2):
+                    p_a[i] = fold_p[i]
+        entry[name] = _summary(rows, p_a)
+    n_pairs = sum(len(rows) for rows in data[half].values())
+    entry["temperature_dev"] = round(t_dev, 5)
+    entry["tokens_per_comparison"] = round(tokens[half] / max(1, n_pairs), 1)
+    entry["tokens_per_comparison_prefix_cached"] = round(tokens_cached[half] / max(1, n_pairs), 1)
+    entry["seconds"] = round(seconds[half], 1)
+    return entry
+
+
+def _tokens_kept(read: int, logprobs: list, max_tokens: int | None) -> int:
+    """Tokens read, less the response tokens past ``max_tokens`` (a first-N scorer need not read them)."""
+    if max_tokens is None:
+        return read
+    return read - sum(max(0, len(f) - max_tokens) + max(0, len(v) - max_tokens) for f, v in logprobs)
 
 
 def table(results: dict) -> str:
-    lines = [f"label-eval, feedback model {results['feedback_model']}",
-             "| method | harmless acc | ECE | pos. bias | helpful acc | ECE | pos. bias | s |",
-             "|---|---|---|---|---|---|---|---|"]
+    """The results as a Markdown table: harmless (and its parts), helpful, cost."""
+    def fmt(x) -> str:
+        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+    first = next(iter(results["variants"].values()), {})
+    parts = sorted(first.get("harmless", {}).get("parts", {}))
+    part_cols = "".join(f" {p} acc |" for p in parts)
+    lines = [f"label-eval on the {results['half']} half, feedback model {results['feedback_model']}, pairs "
+             + ", ".join(f"{k} {v}" for k, v in results.get("pairs", {}).items()),
+             f"| variant | harmless acc |{part_cols} ECE | pos. bias | helpful acc | ECE | pos. bias | T (dev) "
+             f"| tokens/cmp | with prefix cache | s |",
+             "|---" * (11 + len(parts)) + "|"]
     for name, entry in results["variants"].items():
         h, g = entry.get("harmless", {}), entry.get("helpful", {})
-        lines.append(f"| {name} | {h.get('accuracy', float('nan')):.3f} | {h.get('ece', float('nan')):.3f} | "
-                     f"{h.get('position_bias', float('nan')):.3f} | {g.get('accuracy', float('nan')):.3f} | "
-                     f"{g.get('ece', float('nan')):.3f} | {g.get('position_bias', float('nan')):.3f} | "
-                     f"{entry['seconds']:.0f} |")
+        part_vals = "".join(f" {fmt(h.get('parts', {}).get(p, {}).get('accuracy'))} |" for p in parts)
+        tokens = [entry.get(k, "-") for k in ("tokens_per_comparison", "tokens_per_comparison_prefix_cached")]
+        lines.append(f"| {name} | {fmt(h.get('accuracy'))} |{part_vals} {fmt(h.get('ece'))} | "
+                     f"{fmt(h.get('position_bias'))} | {fmt(g.get('accuracy'))} | {fmt(g.get('ece'))} | "
+                     f"{fmt(g.get('position_bias'))} | {fmt(entry.get('temperature_dev'))} | "
+                     f"{tokens[0]} | {tokens[1]} | {entry['seconds']:.0f} |")
     return "\n".join(lines)
 
 
 def _log(message: str) -> None:
     print(f"[cai] {message}", file=sys.stderr, flush=True)
+
