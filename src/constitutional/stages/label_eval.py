@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from constitutional.backends import spec_name
 from constitutional.config import PipelineConfig
 from constitutional.constitution import load_constitution, sample_principles
 from constitutional.errors import CaiError
@@ -116,7 +117,7 @@ def run(config: PipelineConfig, out_dir: str | Path, variants: list[str] | None 
 
         backend = load_backend(model_spec, batch_size=cfg.batch_size, device=cfg.device)
 
-    results: dict = {"feedback_model": model_spec, "fewshot": len(fewshot), "variants": {}}
+    results: dict = {"feedback_model": spec_name(model_spec), "fewshot": len(fewshot), "variants": {}}
     contrast_cache: dict = {}  # both contrast reductions share the same forward passes
     for variant in chosen:
         entry: dict = {}

@@ -173,6 +173,9 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
             raise CaiError("sft.tensorboard: install the tensorboard package "
                            "(pip install 'constitutional[tensorboard]')") from None
     model_spec = cfg.model or config.critique_revise.model
+    if not isinstance(model_spec, str):
+        raise CaiError("sft.model: critique_revise.model is a model server, and SFT trains local weights; "
+                       "set sft.model to the helpful model's directory or name")
     check_resume_settings(stage_dir, {**asdict(cfg), "model": model_spec, "seed": config.seed},
                           free={"epochs", "max_steps", "save_steps", "tensorboard", "generate_batch_size", "device"})
     n_helpful = helpful_count(len(rev_train), cfg.helpful_fraction)
