@@ -362,7 +362,7 @@ class HttpPool:
         for attempt in range(self.retries + 1):
             if abort is not None and abort.is_set():
                 raise ServerError("cancelled: another request failed")
-            base = self._acquire(url.rstrip("/") if url else None)
+            base = self._acquire(url.rstrip("/") if url else None, failures[-1][0] if failures else None)
             try:
                 status, data = self._send(base, method, path, body)
             except (OSError, http.client.HTTPException) as e:  # timeouts, refused/reset connections
@@ -397,13 +397,13 @@ class HttpPool:
     def _waited(self, attempts: int) -> float:
         return sum(min(BACKOFF_MAX, self.backoff * 2 ** a) for a in range(attempts - 1))
 
-    def _acquire(self, pinned: str | None) -> str:
+    def _acquire(self, pinned: str | None, last_failed: str | None = None) -> str:
         with self._lock:
             if pinned is not None:
                 base = pinned
             else:
                 now = time.monotonic()
-                healthy = [u for u in self.base_urls if self._avoid_until[u] <= now]
+                healthy = [u for u in self.base_urls if self._avoid_until[u] <= now and u != last_failed]
                 choices = healthy or sorted(self.base_urls, key=self._avoid_until.__getitem__)[:1]
                 # fewest in flight; ties go round-robin so an idle pool still spreads its load
                 self._turn += 1
