@@ -33,6 +33,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from constitutional.config import PipelineConfig
+from constitutional.distributed import is_main
 from constitutional.errors import CaiError
 from constitutional.models import check_model_spec
 from constitutional.records import check_resume_settings, iter_jsonl, write_json
@@ -293,7 +294,8 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
         "seconds": round(time.time() - start, 2),
     })
     write_json(stage_dir / "metrics.json", metrics)
-    _plot_calibration(metrics["calibration_bins"], stage_dir / "calibration.png")
+    if is_main():
+        _plot_calibration(metrics["calibration_bins"], stage_dir / "calibration.png")
     _log(f"train-pm: held-out accuracy {metrics['heldout_accuracy']}, calibration error "
          f"{metrics['heldout_calibration_error']}, eval pairs {metrics['eval_pairs_accuracy']}")
     return metrics

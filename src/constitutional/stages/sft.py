@@ -34,6 +34,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from constitutional.config import PipelineConfig
+from constitutional.distributed import is_main, main_first
 from constitutional.errors import CaiError
 from constitutional.records import JsonlAppender, check_resume_settings, iter_jsonl, write_json
 
@@ -201,7 +202,8 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
         helpful = user_helpful
         helpful_source = str(cfg.helpful_data)
     else:
-        helpful = _helpful_samples(cfg, config.seed, backend, stage_dir, n_helpful)
+        with main_first(cpu=device == "cpu"):  # several processes: the main one generates and writes
+            helpful = _helpful_samples(cfg, config.seed, backend, stage_dir, n_helpful)
         helpful_source = str(stage_dir / "helpful_samples.jsonl")
     help_train, help_held = split_rows(helpful, cfg.heldout_fraction, config.seed)
     help_train = help_train[:n_helpful]
@@ -225,7 +227,8 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
 
     trained = trainer.model
     if cfg.lora:
-        trained.save_pretrained(stage_dir / "adapter", safe_serialization=True)  # small; for reuse
+        if is_main():
+            trained.save_pretrained(stage_dir / "adapter", safe_serialization=True)  # small; for reuse
         trained = trained.merge_and_unload()
     trained.eval()
     final_dir = save_model_dir(trained, tokenizer, stage_dir / "model")
