@@ -57,3 +57,32 @@ def test_cli_config_error_exit_2_one_line(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 0 and "critique_revise.rounds" in err
     assert main(["run", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "r")]) == 2
     assert main(["run", str(path), "--out", str(tmp_path / "r"), "--stages", "sftt"]) == 2
+
+
+SERVER = "{backend: openai, base_urls: ['http://127.0.0.1:8000/v1'], model: m"
+
+
+def test_generation_and_labelling_models_take_a_server_spec():
+    from constitutional.config import ServerSpec
+
+    config = load_config(None, [f"critique_revise.model={SERVER}, max_in_flight: 8}}",
+                                f"label.feedback_model={SERVER}}}"])
+    assert config.critique_revise.model == ServerSpec(base_urls=["http://127.0.0.1:8000/v1"], model="m",
+                                                      max_in_flight=8)
+    assert isinstance(config.label.feedback_model, ServerSpec) and config.label.policy is None
+
+
+@pytest.mark.parametrize("override, fragment", [
+    (f"critique_revise.model={SERVER}, bogus: 1}}", "'critique_revise.model.bogus': unknown (known: api_key_env,"),
+    (f"label.policy={SERVER}, retries: many}}", "'label.policy.retries': expected int, got 'many'"),
+    (f"label.feedback_model={SERVER}, backend: ollama}}", "'label.feedback_model.backend': must be openai"),
+    ("critique_revise.model={backend: openai, base_urls: [localhost:8000], model: m}",
+     "'critique_revise.model.base_urls': 'localhost:8000' is not an http:// or https:// URL"),
+    (f"critique_revise.model={SERVER}, api_key_env: sk-123}}", "'critique_revise.model.api_key_env': must be the name"),
+    (f"sft.model={SERVER}}}", "'sft.model': a model server cannot be used here"),
+    (f"rl.reward_model={SERVER}}}", "'rl.reward_model': a model server cannot be used here"),
+])
+def test_server_spec_errors_name_the_inner_key(override, fragment):
+    with pytest.raises(CaiError) as err:
+        load_config(None, [override])
+    assert fragment in str(err.value)

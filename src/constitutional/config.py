@@ -25,12 +25,75 @@ import yaml
 from constitutional.errors import CaiError
 from constitutional.models import DEFAULT_MODEL
 
+# ---------------------------------------------------------- model servers
+
+
+@dataclass
+class ServerSpec:
+    """A model behind an OpenAI-compatible HTTP server (vLLM above all); see ``backends/openai.py``.
+
+    Any generation or labelling model field (``ModelSpec``) takes one as a mapping, e.g.
+    ``{backend: openai, base_urls: [http://127.0.0.1:8000/v1], model: smollm2-135m-instruct}``.
+    Training stages need local weights and refuse it.
+
+    backend: must be ``openai``.
+    base_urls: server URLs ending in ``/v1``; each request goes to the one with the fewest requests in flight.
+    model: the model name the servers serve (vLLM's ``--served-model-name``); also written into rows.
+    tokenizer: where the tokenizer and chat template come from, so chats are rendered here exactly as
+        the in-process backend renders them (a local directory, an embedded model's name or a hub id;
+        None: ``model``).
+    api_key_env: name of the environment variable that holds the API key (None: send no key). The key
+        itself is never logged or written to any file.
+    max_in_flight: requests sent at once, over all base_urls.
+    timeout: seconds to wait for one response before retrying it.
+    retries: retries of a request after a timeout, a connection error, HTTP 5xx, 408 or 429; other 4xx
+        answers fail at once.
+    backoff: seconds before the first retry, doubled after each, at most 30.
+    prompt_format: ``tokens`` (token ids, exactly the in-process tokens: vLLM, llama.cpp) or ``text`` (the
+        rendered text, for servers that take only strings; they may tokenise it differently).
+    """
+
+    backend: str = "openai"
+    base_urls: list[str] = field(default_factory=list)
+    model: str = ""
+    tokenizer: str | None = None
+    api_key_env: str | None = None
+    max_in_flight: int = 32
+    timeout: float = 600.0
+    retries: int = 6
+    backoff: float = 1.0
+    prompt_format: str = "tokens"
+
+    def check(self, key: str) -> None:
+        _require(self.backend == "openai", f"{key}.backend", "must be openai (the only server backend)")
+        _require(bool(self.base_urls), f"{key}.base_urls", "needs at least one URL, e.g. http://127.0.0.1:8000/v1")
+        for url in self.base_urls:
+            _require(url.startswith(("http://", "https://")), f"{key}.base_urls",
+                     f"{url!r} is not an http:// or https:// URL")
+        _require(bool(self.model), f"{key}.model", "needs the name the server serves the model under")
+        _require(self.api_key_env is None or self.api_key_env.isidentifier(), f"{key}.api_key_env",
+                 "must be the name of an environment variable (not the key itself)")
+        _require(self.max_in_flight >= 1, f"{key}.max_in_flight", "must be at least 1")
+        _require(self.timeout > 0, f"{key}.timeout", "must be more than 0")
+        _require(self.retries >= 0 and self.backoff >= 0, f"{key}.retries", "retries and backoff must be 0 or more")
+        _require(self.prompt_format in ("tokens", "text"), f"{key}.prompt_format", "must be tokens or text")
+
+
+# A model for generation or scoring: a spec for models.resolve_model (in-process) or a server.
+ModelSpec = str | ServerSpec
+
+
+def _check_model(spec, key: str) -> None:
+    if isinstance(spec, ServerSpec):
+        spec.check(key)
+
 
 @dataclass
 class CritiqueReviseConfig:
     """Stage 1, ``cai critique-revise``: red-team prompts -> critiques -> revisions.
 
-    model: the helpful model that answers, critiques and revises (spec for models.resolve_model).
+    model: the helpful model that answers, critiques and revises (a spec for models.resolve_model or a
+        ``ServerSpec``).
     prompts: prompt source (``red-team``, ``helpful``, ``advbench`` or a .jsonl/.csv/.txt path).
     split: ``train``, ``heldout`` or ``all``.
     limit: use at most this many prompts (None: all of the split).
@@ -55,7 +118,7 @@ class CritiqueReviseConfig:
         (the i-th candidate the i-th opening), when it lists some.
     """
 
-    model: str = DEFAULT_MODEL
+    model: ModelSpec = DEFAULT_MODEL
     prompts: str = "red-team"
     split: str = "train"
     limit: int | None = None
@@ -89,6 +152,7 @@ class CritiqueReviseConfig:
         _require(self.temperature >= 0, "critique_revise.temperature", "must be 0 or more")
         _require(0 < self.top_p <= 1, "critique_revise.top_p", "must be in (0, 1]")
         _require(self.batch_size >= 1, "critique_revise.batch_size", "must be at least 1")
+        _check_model(self.model, "critique_revise.model")
 
 
 @dataclass
@@ -170,8 +234,8 @@ class SftConfig:
 class LabelConfig:
     """Stage 3, ``cai label`` (and ``cai label-eval``): AI feedback labels on response pairs.
 
-    policy: model that writes the two responses (None: the run's sft/model).
-    feedback_model: model that judges them (None: the same as critique_revise.model).
+    policy: model that writes the two responses (None: the run's sft/model); may be a ``ServerSpec``.
+    feedback_model: model that judges them (None: the same as critique_revise.model); may be a ``ServerSpec``.
     prompts: prompt source for harmlessness comparisons.
     split: ``train``, ``heldout`` or ``all``.
     limit: use at most this many prompts (None: all of the split).
@@ -203,8 +267,8 @@ class LabelConfig:
     rlcd_rescore: rlcd: judge each pair by the contrast method instead of the fixed label.
     """
 
-    policy: str | None = None
-    feedback_model: str | None = None
+    policy: ModelSpec | None = None
+    feedback_model: ModelSpec | None = None
     prompts: str = "red-team"
     split: str = "train"
     limit: int | None = None
@@ -256,6 +320,8 @@ class LabelConfig:
         _require(self.limit is None or self.limit >= 1, "label.limit", "must be at least 1")
         _require(self.split in ("train", "heldout", "all"), "label.split", "must be train, heldout or all")
         _require(self.batch_size >= 1, "label.batch_size", "must be at least 1")
+        _check_model(self.policy, "label.policy")
+        _check_model(self.feedback_model, "label.feedback_model")
 
 
 @dataclass
@@ -603,7 +669,10 @@ def _coerce(value, hint, key: str):
             try:
                 return _coerce(value, option, key)
             except CaiError:
+                if isinstance(value, dict) and dataclasses.is_dataclass(option):
+                    raise  # a mapping meant for this section: its own error names the inner key
                 continue
+        _refuse_server(value, key)
         raise CaiError(f"config key '{key}': expected {_type_name(hint)}, got {value!r}")
     if origin is dict:
         key_type, value_type = typing.get_args(hint)
@@ -625,7 +694,14 @@ def _coerce(value, hint, key: str):
             pass
     if hint in (int, float, str, bool) and (type(value) is hint):
         return value
+    _refuse_server(value, key)
     raise CaiError(f"config key '{key}': expected {_type_name(hint)}, got {value!r}")
+
+
+def _refuse_server(value, key: str) -> None:
+    if isinstance(value, dict) and "backend" in value:
+        raise CaiError(f"config key '{key}': a model server cannot be used here (this stage trains or "
+                       f"loads weights, which needs a local model directory)")
 
 
 def _type_name(hint) -> str:

@@ -67,8 +67,11 @@ def resolve_model(spec: str) -> str:
 
 
 def check_model_spec(spec: str, key: str) -> None:
-    """Fail early, before any model loads, if a spec that looks like a path is not a model directory."""
-    if spec in EMBEDDED:
+    """Fail early, before any model loads, if a spec that looks like a path is not a model directory.
+
+    A server spec (``config.ServerSpec``) was checked when the config loaded; it passes here.
+    """
+    if not isinstance(spec, str) or spec in EMBEDDED:
         return
     path = Path(spec).expanduser()
     looks_like_path = spec.startswith((".", "/", "~")) or path.exists() or spec.count("/") != 1
@@ -106,14 +109,22 @@ def embedded_model_dir(name: str = DEFAULT_MODEL, progress: bool = True) -> Path
 
 def save_model_dir(model, tokenizer, dest: Path) -> Path:
     """Save a model and its tokenizer as a plain transformers directory (safetensors), atomically:
-    written beside ``dest`` first, then moved into place, so a crash never leaves half a model."""
+    written beside ``dest`` first, then moved into place, so a crash never leaves half a model.
+
+    In a multi-process training launch every process calls it; the main process saves and the
+    others wait until it has (see ``distributed.py``).
+    """
+    from constitutional.distributed import is_main, wait_for_everyone
+
     dest = Path(dest)
-    tmp = dest.with_name(dest.name + ".saving")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
+    if is_main():
+        tmp = dest.with_name(dest.name + ".saving")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    wait_for_everyone()
     return dest
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from constitutional.config import STAGES, PipelineConfig
 from constitutional.errors import CaiError
+from constitutional.distributed import is_main, wait_for_everyone
 from constitutional.records import write_json
 
 # stage name in configs -> (CLI subcommand, module, directory in the run)
@@ -228,7 +229,9 @@ def run_stages(config: PipelineConfig, out: Path, stages: list[str], config_path
             continue
         if decision.startswith("restart"):
             say(f"{label}: {decision.split(': ', 1)[1]}: starting it again (removing {stage_dir})")
-            shutil.rmtree(stage_dir)
+            if is_main():  # several processes (accelerate launch): one removes, all wait for it
+                shutil.rmtree(stage_dir)
+            wait_for_everyone()
         elif decision == "resume":
             say(f"{label}: resuming where it stopped")
         say(f"{label}: started (run elapsed {_fmt_seconds(time.time() - run_start)})")

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from constitutional.distributed import is_main
 from constitutional.errors import CaiError
 
 
@@ -79,7 +80,12 @@ def iter_jsonl(path: str | Path) -> Iterator[dict]:
 
 
 def write_json(path: str | Path, data) -> None:
-    """Write JSON atomically (temp file + rename), so a reader never sees half a file."""
+    """Write JSON atomically (temp file + rename), so a reader never sees half a file.
+
+    In a multi-process training launch only the main process writes (see ``distributed.py``).
+    """
+    if not is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -113,6 +119,9 @@ class JsonlAppender:
         row_id = str(row[self.key])
         if row_id in self.done_ids:
             raise ValueError(f"{self.path}: id {row_id!r} is already written")
+        if not is_main():  # a multi-process launch: the main process writes the rows
+            self.done_ids.add(row_id)
+            return
         if self._file is None:
             self._file = self.path.open("a", encoding="utf-8")
         self._file.write(json.dumps(row, ensure_ascii=False) + "\n")

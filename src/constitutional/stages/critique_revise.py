@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from constitutional import progress
+from constitutional.backends import spec_name
 from constitutional.backends.base import Backend, SamplingParams
 from constitutional.config import PipelineConfig
 from constitutional.constitution import FeedbackPrinciple, Principle, load_constitution, sample_principles
@@ -148,7 +149,8 @@ def run(config: PipelineConfig, out_dir: str | Path, backend: Backend | None = N
             check_model_spec(cfg.feedback_model, "critique_revise.feedback_model")
     pool = load_fewshot(cfg.fewshot_file)
     prompts = load_prompts(cfg.prompts, cfg.split, cfg.limit)
-    check_resume_settings(stage_dir, {**asdict(cfg), "seed": config.seed, "constitution": config.constitution},
+    check_resume_settings(stage_dir, {**asdict(cfg), "model": spec_name(cfg.model), "seed": config.seed,
+                                      "constitution": config.constitution},
                           free=FREE_SETTINGS)
     writer = JsonlAppender(out_path)
     if writer.repaired_bytes:
@@ -217,7 +219,7 @@ def run(config: PipelineConfig, out_dir: str | Path, backend: Backend | None = N
 
     seconds = time.time() - start
     summary = _summarise(out_path, prompts, len(todo) - len(skipped), skipped, tokens, seconds,
-                         backend.name if backend is not None else cfg.model, constitution.sources)
+                         backend.name if backend is not None else spec_name(cfg.model), constitution.sources)
     write_json(stage_dir / "summary.json", summary)
     _log(f"critique-revise: {summary['rows']} rows in {out_path} "
          f"({summary['degenerate_rows']} flagged degenerate); {tokens} tokens in {seconds:.0f} s")

@@ -35,6 +35,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from constitutional import progress
+from constitutional.backends import spec_name
 from constitutional.config import PipelineConfig
 from constitutional.constitution import load_constitution, sample_principles
 from constitutional.errors import CaiError
@@ -74,7 +75,8 @@ def run(config: PipelineConfig, out_dir: str | Path, policy_backend=None, feedba
     tasks = [(p, "harmless") for p in load_prompts(cfg.prompts, cfg.split, cfg.limit)]
     if cfg.helpful_prompts:
         tasks += [(p, "helpful") for p in load_prompts(cfg.helpful_prompts, cfg.split, cfg.helpful_limit)]
-    check_resume_settings(stage_dir, {**asdict(cfg), "policy": policy_spec, "feedback_model": feedback_spec,
+    check_resume_settings(stage_dir, {**asdict(cfg), "policy": spec_name(policy_spec),
+                                      "feedback_model": spec_name(feedback_spec),
                                       "seed": config.seed, "constitution": config.constitution},
                           free=FREE_SETTINGS)
     writer = JsonlAppender(stage_dir / OUTPUT)
@@ -143,15 +145,15 @@ def run(config: PipelineConfig, out_dir: str | Path, policy_backend=None, feedba
         "share_a_chosen": round(sum(1 for r in rows if r["p_a"] >= 0.5) / len(rows), 4) if rows else None,
         "seconds_this_run": round(seconds, 2),
         "comparisons_per_second": round(len(todo) / seconds, 3) if todo and seconds > 0 else None,
-        "policy": policy_spec,
-        "feedback_model": feedback_spec,
+        "policy": spec_name(policy_spec),
+        "feedback_model": spec_name(feedback_spec),
     }
     write_json(stage_dir / "summary.json", summary)
     _log(f"label: {summary['rows']} comparisons in {summary['output']}")
     return summary
 
 
-def _judge(pairs, cfg, backend, fewshot, temperature, policy_spec: str, feedback_spec: str) -> list[dict]:
+def _judge(pairs, cfg, backend, fewshot, temperature, policy_spec, feedback_spec) -> list[dict]:
     """Label each (prompt, kind, response A, response B, principles) pair; one row each."""
     from constitutional import feedback
 
@@ -187,8 +189,8 @@ def _judge(pairs, cfg, backend, fewshot, temperature, policy_spec: str, feedback
             "cot": "\n---\n".join(cots[j]) if cots[j] else None,
             "kind": kind,
             "category": p.category,
-            "policy": policy_spec,
-            "feedback_model": feedback_spec,
+            "policy": spec_name(policy_spec),
+            "feedback_model": spec_name(feedback_spec),
         })
     return rows
 

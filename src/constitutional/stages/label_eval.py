@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from constitutional.backends import spec_name
 from constitutional.config import PipelineConfig
 from constitutional.constitution import load_constitution, sample_principles
 from constitutional.errors import CaiError
@@ -275,7 +276,7 @@ def run(config: PipelineConfig, out_dir: str | Path, variants: list[str] | None 
 
         backend = load_backend(model_spec, batch_size=cfg.batch_size, device=cfg.device)
 
-    results: dict = {"feedback_model": model_spec, "half": half, "fewshot": len(fewshot),
+    results: dict = {"feedback_model": spec_name(model_spec), "half": half, "fewshot": len(fewshot),
                      "pairs": {name: len(rows) for name, rows in data[half].items()}, "variants": {}}
     cache = {} if cache is None else cache  # token log-probs by (half, set, context, demos, principles)
     for variant in chosen:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from constitutional import progress
 from constitutional.config import PipelineConfig
+from constitutional.distributed import is_main
 from constitutional.errors import CaiError
 from constitutional.models import check_model_spec
 from constitutional.records import check_resume_settings, iter_jsonl, write_json
@@ -291,7 +292,7 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
     if cfg.lora:
         trained = trained.merge_and_unload()
     final_dir = save_model_dir(trained, tokenizer, stage_dir / "model")
-    if not config.keep_optimizer_state:
+    if not config.keep_optimizer_state and is_main():
         from constitutional.stages.sft import drop_checkpoints
 
         drop_checkpoints(checkpoints)
@@ -311,7 +312,8 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
         "seconds": round(time.time() - start, 2),
     })
     write_json(stage_dir / "metrics.json", metrics)
-    _plot_calibration(metrics["calibration_bins"], stage_dir / "calibration.png")
+    if is_main():
+        _plot_calibration(metrics["calibration_bins"], stage_dir / "calibration.png")
     _log(f"train-pm: held-out accuracy {metrics['heldout_accuracy']}, calibration error "
          f"{metrics['heldout_calibration_error']}, eval pairs {metrics['eval_pairs_accuracy']}")
     return metrics

@@ -54,6 +54,7 @@ from pathlib import Path
 from constitutional import progress
 from constitutional.config import PipelineConfig, RlConfig
 from constitutional.datasets import PromptRow, load_prompts
+from constitutional.distributed import is_main, world_size
 from constitutional.errors import CaiError
 from constitutional.models import check_model_spec
 from constitutional.records import check_resume_settings, iter_jsonl, write_json
@@ -204,6 +205,9 @@ def run(config: PipelineConfig, out_dir: str | Path, reward_fn: RewardFn | None 
     metrics)`` is called after each step's metrics are written."""
     cfg = config.rl
     cfg.check()
+    if cfg.algo == "ppo" and world_size() > 1:
+        raise CaiError(f"rl.algo ppo runs in one process (ppo.py shards nothing), not {world_size()}: "
+                       f"under accelerate launch or torchrun use rl.algo=rloo (TRL's trainer)")
     out_dir = Path(out_dir)
     stage_dir = out_dir / STAGE_DIR
     # Check every input before loading a model.
@@ -278,7 +282,7 @@ def run(config: PipelineConfig, out_dir: str | Path, reward_fn: RewardFn | None 
     metrics_log.close()
     final_dir = save_snapshot(final_model, tokenizer, stage_dir / "model")
     last_row = list(iter_jsonl(metrics_log.path))[-1:] if metrics_log.path.exists() else []
-    if not config.keep_optimizer_state:
+    if not config.keep_optimizer_state and is_main():
         tidy_checkpoints(stage_dir, last_row[0]["step"] if last_row else None)
 
     summary: dict = {"algo": cfg.algo, "reward": cfg.reward if cfg.algo != "dpo" else None, "policy": policy_spec,
@@ -298,13 +302,14 @@ def run(config: PipelineConfig, out_dir: str | Path, reward_fn: RewardFn | None 
         summary["heldout_prompts"] = len(eval_prompts)
         summary["heldout_reward_before"] = before["mean_reward"]
         summary["heldout_reward_after"] = after["mean_reward"]
-        with open(samples_path, "w", encoding="utf-8") as f:
-            for p, b, a in zip(eval_prompts, before["rows"], after["rows"], strict=True):
-                f.write(json.dumps({"id": p.id, "prompt": p.prompt, "before": b["response"], "reward_before":
-                                    b["reward"], "after": a["response"], "reward_after": a["reward"]}) + "\n")
+        if is_main():
+            with open(samples_path, "w", encoding="utf-8") as f:
+                for p, b, a in zip(eval_prompts, before["rows"], after["rows"], strict=True):
+                    f.write(json.dumps({"id": p.id, "prompt": p.prompt, "before": b["response"], "reward_before":
+                                        b["reward"], "after": a["response"], "reward_after": a["reward"]}) + "\n")
     summary["seconds"] = round(time.time() - start, 2)
     write_json(stage_dir / "summary.json", summary)
-    if rows:
+    if rows and is_main():
         plot_metrics(rows, stage_dir / "reward.png")
     parts = [f"rl ({cfg.algo}): {summary.get('steps', 0)} steps"]
     if eval_prompts:
@@ -604,7 +609,7 @@ class MetricsLog:
         stage_dir.mkdir(parents=True, exist_ok=True)
         self.path = stage_dir / "metrics.jsonl"
         self.writer = None
-        if tensorboard:
+        if tensorboard and is_main():
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
@@ -614,7 +619,7 @@ class MetricsLog:
 
     def keep_steps_up_to(self, step: int) -> None:
         """Drop rows after ``step`` (written after the checkpoint a resumed run starts from)."""
-        if not self.path.exists():
+        if not self.path.exists() or not is_main():
             return
         rows = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
@@ -629,6 +634,8 @@ class MetricsLog:
         tmp.replace(self.path)
 
     def write(self, row: dict) -> None:
+        if not is_main():  # several processes: the main one writes the metrics
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         if self.writer is not None:
@@ -658,6 +665,8 @@ def save_checkpoint(model, tokenizer, checkpoints: Path, step: int, extra=None) 
     """
     dest = checkpoints / f"step-{step}"
     tmp = save_snapshot(model, tokenizer, checkpoints / f"step-{step}.partial")
+    if not is_main():  # several processes: the main one saved the snapshot and finishes the checkpoint
+        return dest
     if extra:
         extra(tmp)
     shutil.rmtree(dest, ignore_errors=True)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from constitutional import progress
 from constitutional.config import PipelineConfig
+from constitutional.distributed import is_main, main_first
 from constitutional.errors import CaiError
 from constitutional.records import JsonlAppender, check_resume_settings, iter_jsonl, write_json
 
@@ -176,6 +177,9 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
             raise CaiError("sft.tensorboard: install the tensorboard package "
                            "(pip install 'constitutional[tensorboard]')") from None
     model_spec = cfg.model or config.critique_revise.model
+    if not isinstance(model_spec, str):
+        raise CaiError("sft.model: critique_revise.model is a model server, and SFT trains local weights; "
+                       "set sft.model to the helpful model's directory or name")
     helpful_principles = None
     if cfg.helpful_candidates > 1 and user_helpful is None:
         from constitutional import feedback
@@ -220,8 +224,9 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
             scorer = backend if same_model(feedback_spec, model_spec) else load_backend(
                 feedback_spec, batch_size=cfg.generate_batch_size, device=device)
             principles = helpful_principles
-        helpful = _helpful_samples(cfg, config.seed, backend, stage_dir, n_helpful, scorer, principles,
-                                   config.label.contrast_reduce)
+        with main_first(cpu=device == "cpu"):  # several processes: the main one generates and writes
+            helpful = _helpful_samples(cfg, config.seed, backend, stage_dir, n_helpful, scorer, principles,
+                                       config.label.contrast_reduce)
         helpful_source = str(stage_dir / "helpful_samples.jsonl")
     help_train, help_held = split_rows(helpful, cfg.heldout_fraction, config.seed)
     help_train = help_train[:n_helpful]
@@ -245,11 +250,12 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
 
     trained = trainer.model
     if cfg.lora:
-        trained.save_pretrained(stage_dir / "adapter", safe_serialization=True)  # small; for reuse
+        if is_main():
+            trained.save_pretrained(stage_dir / "adapter", safe_serialization=True)  # small; for reuse
         trained = trained.merge_and_unload()
     trained.eval()
     final_dir = save_model_dir(trained, tokenizer, stage_dir / "model")
-    if not config.keep_optimizer_state:
+    if not config.keep_optimizer_state and is_main():
         drop_checkpoints(checkpoint_dir)
 
     after_backend = HFBackend(str(final_dir), model_obj=trained, tokenizer=backend.tokenizer,
