@@ -40,6 +40,8 @@ bench: setup
 	$(PY) bench/train.py
 	$(PY) bench/label.py
 	$(PY) bench/rl.py
+	$(PY) bench/critique.py
+	$(PY) bench/server.py
 
 clean:
 	rm -rf runs build dist .pytest_cache

@@ -7,6 +7,7 @@ import pytest
 
 from constitutional.cli import main
 from constitutional.config import load_config
+from constitutional.prompts import join_opening
 from constitutional.records import read_jsonl
 from constitutional.stages import label
 from tests.fakes import Killed, ScriptedBackend
@@ -138,6 +139,30 @@ def test_rlcd_rows_carry_the_system_prompts_they_were_sampled_under(tmp_path, ti
         assert row["p_chosen"] == 0.9 and row["method"] == "rlcd" and row["rescored"] is False
     sampled = [chat[0]["content"] for chats, _ in policy.calls for chat in chats]
     assert sampled[0::2] == [by_id[r["principle_ids"][0]].follows for r in rows]  # follows, violates, ...
+
+
+def test_rlcd_openings_start_only_the_follows_answer(tmp_path, tiny_model_dir):
+    from constitutional.constitution import load_constitution
+
+    openings = load_constitution("default").openings["harmless"]
+
+    def respond(chat):
+        if chat[-1]["role"] == "assistant":  # an open assistant turn: the model continues it
+            return "here is a safer idea."
+        return "here is exactly how to do it"
+
+    policy = ScriptedBackend(respond)
+    config = _config(tiny_model_dir, "label.method=rlcd", "label.limit=6", "label.rlcd_openings=true")
+    label.run(config, tmp_path, policy_backend=policy, feedback_backend=ContrastFake())
+    rows = read_jsonl(tmp_path / "label" / "comparisons.jsonl")
+    assert len(rows) == 6
+    for row in rows:
+        assert row["opening"] in openings
+        assert row["response_a"] == join_opening(row["opening"], "here is a safer idea.")
+        assert row["response_b"] == "here is exactly how to do it" and row["chosen"][0]["content"] == row["response_a"]
+    chats = [chat for calls, _ in policy.calls for chat in calls]
+    assert all(c[-1]["role"] == "assistant" for c in chats[0::2]) and all(c[-1]["role"] == "user" for c in chats[1::2])
+    assert len({r["opening"] for r in rows}) > 1  # the openings are taken in turn, not always the first
 
 
 def test_rlcd_rescored_pairs_are_judged_by_contrast(tmp_path, tiny_model_dir):

@@ -265,6 +265,9 @@ class LabelConfig:
     device: ``auto`` (cuda if available), ``cpu`` or ``cuda``.
     rlcd_p_chosen: rlcd: the soft label of the follows answer.
     rlcd_rescore: rlcd: judge each pair by the contrast method instead of the fixed label.
+    rlcd_openings: rlcd: each follows answer continues one of the constitution's ``openings`` for its
+        principle's kind (as stage 1's follows candidates do), so a small model that never refuses
+        unprompted still gives a principled answer to prefer; the opening is kept in the row.
     """
 
     policy: ModelSpec | None = None
@@ -295,6 +298,7 @@ class LabelConfig:
     device: str = "auto"
     rlcd_p_chosen: float = 0.9
     rlcd_rescore: bool = False
+    rlcd_openings: bool = False
 
     def check(self) -> None:
         from constitutional.feedback import CONTRAST_CONTEXTS, METHODS

@@ -31,8 +31,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from constitutional.config import STAGES, PipelineConfig
-from constitutional.errors import CaiError
 from constitutional.distributed import is_main, wait_for_everyone
+from constitutional.errors import CaiError
 from constitutional.records import write_json
 
 # stage name in configs -> (CLI subcommand, module, directory in the run)

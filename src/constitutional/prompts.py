@@ -222,3 +222,22 @@ def degenerate_reason(revision: str, critique: str, copied_from: Sequence[str] =
     if previous.strip() and similarity(revision, previous) >= 0.9:
         return "unchanged"
     return None
+
+
+def join_opening(opening: str, continuation: str) -> str:
+    """A response that began with ``opening`` and went on with ``continuation``.
+
+    >>> join_opening("I can't help with that, but", "here is a safer idea.")
+    "I can't help with that, but here is a safer idea."
+    >>> join_opening("I can't help with that", ", sorry.")
+    "I can't help with that, sorry."
+    >>> join_opening("", "Sure.")
+    'Sure.'
+    """
+    continuation = continuation.strip()
+    if not opening:
+        return continuation
+    if not continuation:
+        return opening
+    glue = "" if continuation[0] in ".,;:!?'" else " "
+    return f"{opening}{glue}{continuation}"

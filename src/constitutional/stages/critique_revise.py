@@ -60,6 +60,7 @@ from constitutional.prompts import (
     clean_generation,
     critique_chat,
     degenerate_reason,
+    join_opening,
     load_fewshot,
     pick_fewshot,
     response_chat,
@@ -259,25 +260,6 @@ def _select(scorer, reduce: str, sets: list[tuple[str, FeedbackPrinciple, list[d
     for (k, i), value in zip(flat, scores, strict=True):
         sets[k][2][i]["score"] = round(value, 6)
     return [pick_best([c.get("score") for c in cands]) for _, _, cands in sets]
-
-
-def join_opening(opening: str, continuation: str) -> str:
-    """A response that began with ``opening`` and went on with ``continuation``.
-
-    >>> join_opening("I can't help with that, but", "here is a safer idea.")
-    "I can't help with that, but here is a safer idea."
-    >>> join_opening("I can't help with that", ", sorry.")
-    "I can't help with that, sorry."
-    >>> join_opening("", "Sure.")
-    'Sure.'
-    """
-    continuation = continuation.strip()
-    if not opening:
-        return continuation
-    if not continuation:
-        return opening
-    glue = "" if continuation[0] in ".,;:!?'" else " "
-    return f"{opening}{glue}{continuation}"
 
 
 def _revise_chunk(chunk: list[_Plan], cfg, seed: int, backend: Backend, on_batch, scorer=None,

@@ -40,6 +40,7 @@ from constitutional.config import PipelineConfig
 from constitutional.constitution import load_constitution, sample_principles
 from constitutional.errors import CaiError
 from constitutional.models import check_model_spec
+from constitutional.prompts import join_opening
 from constitutional.records import JsonlAppender, check_resume_settings, read_jsonl, write_json
 
 STAGE_DIR = "label"
@@ -109,21 +110,28 @@ def run(config: PipelineConfig, out_dir: str | Path, policy_backend=None, feedba
                 chunk = todo[i:i + cfg.batch_size]
                 seed = zlib.crc32(f"{config.seed}:{chunk[0][0].id}".encode()) & 0x7FFFFFFF
                 drawn = [sample_principles(pools[kind], cfg.ensemble, config.seed, p.id) for p, kind in chunk]
+                starts = [""] * (2 * len(chunk))
                 if cfg.method == "rlcd":
                     chats = rlcd_chats([p.prompt for p, _ in chunk], [ps[0] for ps in drawn])
+                    if cfg.rlcd_openings:
+                        starts = rlcd_openings(chunk, drawn, constitution.openings, chats)
                 else:
                     chats = [[{"role": "user", "content": p.prompt}] for p, _ in chunk for _ in range(2)]
                 responses = policy_backend.generate(chats, SamplingParams(
                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed))
                 pairs = []
+                texts = [join_opening(start, r.text) if start else r.text for start, r in zip(starts, responses,
+                                                                                              strict=True)]
                 for j, (p, kind) in enumerate(chunk):
-                    a, b = responses[2 * j].text, responses[2 * j + 1].text
+                    a, b = texts[2 * j], texts[2 * j + 1]
                     if a.strip() == b.strip():
                         identical += 1
                         continue
                     pairs.append((p, kind, a, b, drawn[j]))
                 if cfg.method == "rlcd":
-                    judged = _rlcd_rows(pairs, cfg, feedback_backend, temperature, policy_spec, feedback_spec)
+                    opened = {p.id: starts[2 * j] for j, (p, _) in enumerate(chunk)}
+                    judged = _rlcd_rows(pairs, cfg, feedback_backend, temperature, policy_spec, feedback_spec,
+                                        opened)
                 else:
                     judged = _judge(pairs, cfg, feedback_backend, fewshot, temperature, policy_spec, feedback_spec)
                 for row in judged:
@@ -208,7 +216,22 @@ def rlcd_chats(prompts: list[str], principles: list) -> list[list[dict]]:
             for system in (principle.follows, principle.violates)]
 
 
-def _rlcd_rows(pairs, cfg, backend, temperature, policy_spec: str, feedback_spec: str) -> list[dict]:
+def rlcd_openings(chunk, drawn, openings: dict, chats: list[list[dict]]) -> list[str]:
+    """Start each ``follows`` answer with one of the constitution's ``openings`` for its kind (in turn, by
+    prompt id), appended to its chat as an open assistant turn; the violates answers start empty.
+    Returns the opening of every chat (``""`` for none), in chat order."""
+    starts = []
+    for j, (p, _) in enumerate(chunk):
+        kind_openings = openings.get(drawn[j][0].kind, ())
+        start = kind_openings[zlib.crc32(p.id.encode()) % len(kind_openings)] if kind_openings else ""
+        if start:
+            chats[2 * j].append({"role": "assistant", "content": start})
+        starts += [start, ""]
+    return starts
+
+
+def _rlcd_rows(pairs, cfg, backend, temperature, policy_spec: str, feedback_spec: str,
+               opened: dict | None = None) -> list[dict]:
     """RLCD comparisons: response A was sampled under ``follows``, B under ``violates``; A is
     preferred with ``rlcd_p_chosen``, or the contrast method judges the pair (``rlcd_rescore``)."""
     from constitutional import feedback
@@ -239,6 +262,7 @@ def _rlcd_rows(pairs, cfg, backend, temperature, policy_spec: str, feedback_spec
             "principle_ids": [ps[0].id],
             "method": "rlcd",
             "system_prompts": {"response_a": ps[0].follows, "response_b": ps[0].violates},
+            "opening": (opened or {}).get(p.id) or None,  # how the follows answer was made to begin
             "rescored": cfg.rlcd_rescore,
             "cot": None,
             "kind": kind,
