@@ -29,7 +29,7 @@ README = ROOT / "README.md"
 RUN_ELSEWHERE = {
     ".venv/bin/python bench/": "make bench (the benchmark scripts; BENCHMARKS.md has their results)",
     ".venv/bin/python -m pytest": "make test",
-    "accelerate launch": "needs GPUs (README, Scaling out); test_distributed.py runs the launch path on 2 CPU processes",
+    "accelerate launch": "needs GPUs (README, Scaling out); test_distributed.py runs it on 2 CPU processes",
     "python -m vllm": "the vLLM server, started by cai serve-local and tests/test_server.py",
     "vllm serve": "the vLLM server on a GPU machine",
     ".venv/bin/cai serve-local": "a server in the foreground; tests/test_server.py builds and starts the same one",
