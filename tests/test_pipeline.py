@@ -56,6 +56,8 @@ def test_full_run_then_skip_then_a_changed_label_setting_then_force(tmp_path, ti
     captured = capsys.readouterr()
     assert started(captured.err) == ["critique_revise", "sft", "label", "pm", "rl", "evaluate"]
     assert "report: " in captured.out and (out / "report.html").is_file()
+    # library noise stays behind --verbose: no Trainer log dicts, no weight-loading bars
+    assert "{'loss'" not in captured.out + captured.err and "Loading weights" not in captured.err
     first = manifest(out)["stages"]
     assert all(first[s]["status"] == "done" for s in first)
     for path in ("sft/model/model.safetensors", "pm/model/model.safetensors", "rl/model/model.safetensors",

@@ -57,6 +57,9 @@ def quiet_libraries() -> None:
     import os
     import warnings
 
+    from constitutional import progress
+
+    progress.QUIET[0] = True
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -67,6 +70,7 @@ def quiet_libraries() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # "Loading weights" and download bars
     except ImportError:
         pass
     try:

@@ -135,6 +135,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -150,4 +151,5 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         tokenizer.save_pretrained(out)
     finally:
         hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
+        if bars_were_on:  # as it was (off under cai's quiet output)
+            hf_logging.enable_progress_bar()

@@ -36,6 +36,19 @@ def bar(total: int, name: str, unit: str = "it", initial: int = 0):
     return tqdm(total=total, desc=desc(name), unit=unit, initial=initial, file=sys.stderr, dynamic_ncols=True)
 
 
+QUIET = [False]  # set by cli.quiet_libraries: no library output unless --verbose
+
+
+def quiet_trainer(trainer):
+    """Drop transformers' ``PrinterCallback`` (it prints every log dict to stdout when the Trainer's own
+    bars are off) unless ``--verbose``: our bar shows the loss instead. Returns the trainer."""
+    if QUIET[0]:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
 def trainer_bar(name: str):
     """A ``transformers.TrainerCallback`` showing training steps as one of our bars (rate, ETA, loss)."""
     from transformers import TrainerCallback

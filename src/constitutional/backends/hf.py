@@ -59,6 +59,7 @@ class HFBackend:
         self.name = name or str(model)
         from transformers.utils import logging as hf_logging
 
+        bars_were_on = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # one weights file loads in a second; no bar needed
         try:
             self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
@@ -68,7 +69,8 @@ class HFBackend:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CaiError(f"model {model!r}: could not load: {first}") from None
         finally:
-            hf_logging.enable_progress_bar()
+            if bars_were_on:  # as it was (off under cai's quiet output)
+                hf_logging.enable_progress_bar()
         self.model.to(self.device).eval()
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:

@@ -506,6 +506,7 @@ def _load_tokenizer(spec):
     except CaiError as e:
         raise CaiError(f"model server {spec.model!r}: no tokenizer to render chats with ({e}); set tokenizer "
                        f"to a local copy of the served model's tokenizer") from None
+    bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
         return AutoTokenizer.from_pretrained(path)
@@ -514,7 +515,8 @@ def _load_tokenizer(spec):
         raise CaiError(f"model server {spec.model!r}: could not load the tokenizer {source!r}: {first}; set "
                        f"tokenizer to a local copy of the served model's tokenizer") from None
     finally:
-        hf_logging.enable_progress_bar()
+        if bars_were_on:  # as it was (off under cai's quiet output)
+            hf_logging.enable_progress_bar()
 
 
 def _generation_config(spec):

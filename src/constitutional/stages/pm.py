@@ -185,11 +185,13 @@ class PreferenceModel:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         from transformers.utils import logging as hf_logging
 
+        bars_were_on = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:
             self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).to(self.device)
         finally:
-            hf_logging.enable_progress_bar()
+            if bars_were_on:  # as it was (off under cai's quiet output)
+                hf_logging.enable_progress_bar()
         self.model.eval()
         self.batch_size = batch_size
 
@@ -282,6 +284,7 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
     trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                callbacks=[progress.trainer_bar("train-pm"), *(callbacks or [])],
                                peft_config=peft_config)
+    progress.quiet_trainer(trainer)
     checkpoints = stage_dir / "checkpoints"
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if last:

@@ -482,6 +482,7 @@ def _run_rloo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, red_team, h
     trainer = RLOOTrainer(model=model, reward_funcs=[pm_reward], args=args, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[progress.trainer_bar("rl (rloo)"), Log()],
                           peft_config=_lora_config(cfg) if cfg.lora else None)
+    progress.quiet_trainer(trainer)
     if last:
         _log(f"resuming from {last}")
     trainer.train(resume_from_checkpoint=last)
@@ -539,6 +540,7 @@ def _run_dpo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, comparisons:
     trainer = _soft_dpo_trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                         callbacks=[progress.trainer_bar("rl (dpo)"), Log()],
                                         peft_config=_lora_config(cfg) if cfg.lora else None)
+    progress.quiet_trainer(trainer)
     if last:
         _log(f"resuming from {last}")
     trainer.train(resume_from_checkpoint=last)

@@ -386,8 +386,9 @@ def _trainer(cfg, seed: int, model, tokenizer, rows: list[dict], stage_dir: Path
 
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                  target_modules="all-linear", task_type="CAUSAL_LM")
-    return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                      peft_config=peft_config, callbacks=callbacks)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config, callbacks=callbacks)
+    return progress.quiet_trainer(trainer)
 
 
 def drop_checkpoints(checkpoint_dir: Path) -> None:
