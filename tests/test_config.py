@@ -13,7 +13,10 @@ def test_shipped_configs_load():
     for path in (ROOT / "configs").glob("*.yaml"):
         load_config(path)
     config = load_config(ROOT / "configs" / "smollm2-cpu.yaml")
-    assert config.critique_revise.limit >= 32 and config.critique_revise.rounds == 2
+    assert config.critique_revise.limit >= 32 and config.critique_revise.rounds >= 1
+    # the demo's recipe: selection with openings, RLCD pairs, DPO (no PM)
+    assert config.critique_revise.follows_candidates >= 1 and config.label.method == "rlcd"
+    assert config.rl.algo == "dpo"
 
 
 def test_overrides_are_parsed_as_yaml_and_type_checked():

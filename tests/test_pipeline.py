@@ -27,6 +27,8 @@ def tiny_overrides(model: Path) -> list[str]:
         "rl.eval_prompts": 2, "rl.device": "cpu",
         "evaluate.limit": 3, "evaluate.max_new_tokens": 6, "evaluate.sampled": False, "evaluate.judge_pairs": 6,
         "evaluate.bootstrap_samples": 50, "evaluate.batch_size": 8, "evaluate.device": "cpu",
+        "label.method": "contrast", "rl.algo": "ppo",  # the paper's pipeline (the demo config uses rlcd + dpo)
+        "label.helpful_prompts": "null",
     }
     return [x for k, v in settings.items() for x in ("--set", f"{k}={v}")]
 
@@ -153,3 +155,20 @@ def test_pm_killed_after_its_first_checkpoint_resumes_and_then_drops_it(tmp_path
     assert metrics["resumed_from_step"] == 1 and metrics["steps"] > 1
     assert not (tmp_path / "pm" / "checkpoints").exists()
     assert (tmp_path / "pm" / "model" / "model.safetensors").is_file()
+
+
+def test_the_demo_recipe_runs_without_a_pm(tmp_path, tiny_model_dir, capsys, few_labelled_examples):
+    """configs/smollm2-cpu.yaml as shipped (selection with openings, rlcd pairs, dpo): no stage 4."""
+    out = tmp_path / "run"
+    overrides = tiny_overrides(tiny_model_dir)
+    recipe = {"label.method", "rl.algo", "label.helpful_prompts"}
+    kept = [x for i in range(0, len(overrides), 2) for x in overrides[i:i + 2]
+            if overrides[i + 1].split("=")[0] not in recipe]
+    assert main(["run", "configs/smollm2-cpu.yaml", "--out", str(out), *kept, "--set", "label.helpful_limit=2"]) == 0
+    assert started(capsys.readouterr().err) == ["critique_revise", "sft", "label", "rl", "evaluate"]
+    assert not (out / "pm").exists() and (out / "rl" / "model" / "model.safetensors").is_file()
+    rows = [json.loads(line) for line in (out / "label" / "comparisons.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in rows} == {"rlcd"} and any(r["opening"] for r in rows)
+    revisions = [json.loads(line) for line in (out / "critique_revise" / "revisions.jsonl").read_text().splitlines()]
+    assert all(any(c["source"] == "follows" for c in r["rounds"][0]["candidates"]) for r in revisions)
+

@@ -116,6 +116,10 @@ def test_readme_command(command, scratch, monkeypatch, capsys):
         argv.append("--dry-run")
     if argv[0] == "chat":
         argv += ["--max-new-tokens", "4", "--device", "cpu"]
+        if "--prompt" not in argv:  # interactive: one turn, then /quit
+            import io
+
+            monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n/quit\n"))
     if argv[0] == "fetch-model":
         pytest.skip("builds the embedded model: run by make demo and by the integration tests")
     code = main(argv)

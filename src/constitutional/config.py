@@ -291,7 +291,7 @@ class LabelConfig:
     contrast_reduce: str = "mean"
     contrast_temperature: float | None = None
     contrast_context: str = "stance+principle"
-    contrast_fewshot: int = 0
+    contrast_fewshot: int = 1
     contrast_fewshot_file: str = "default"
     contrast_max_tokens: int | None = None
     batch_size: int = 16

@@ -3,7 +3,8 @@
 Paper: Bai et al. 2022, section 2 and Figures 2, 3 and 8: harmlessness and helpfulness Elo
 scores from pairwise comparisons of model snapshots, and how they move along RL training.
 The paper's comparisons came from crowdworkers; here the judge is the run's stage-3 feedback
-model and method (``label.feedback_model``, ``label.method``), so its own validity on the
+model and method (``label.feedback_model``, ``label.method``; with ``rlcd``, which samples pairs
+rather than judging them, the contrast method), so its own validity on the test half of the
 shipped pairs with a known better answer is measured and printed beside every Elo table.
 
 Snapshots (``evaluation/snapshots.py``): the base model, SL-CAI (``sft/model``), each RL
@@ -545,7 +546,7 @@ def elo_tables(config: PipelineConfig, snapshots: list[Snapshot], prompts, respo
     from constitutional.evaluation.elo import bootstrap_elo
 
     cfg = config.label
-    method = cfg.method
+    method = judge_method(cfg)
     names = [s.name for s in snapshots]
     temperature = None
     if method == "contrast":
@@ -610,6 +611,11 @@ def _judge_both_orders(judge, method: str, items, cfg) -> list[float]:
     return [(f.p_a + 1 - b.p_a) / 2 for f, b in zip(forward, backward, strict=True)]
 
 
+def judge_method(cfg) -> str:
+    """The stage-3 method as a judge: ``rlcd`` samples its pairs instead of judging, so it judges by contrast."""
+    return "contrast" if cfg.method == "rlcd" else cfg.method
+
+
 def _fit_contrast_temperature(config: PipelineConfig, judge) -> float:
     from constitutional.stages.label import _fit_temperature
 
@@ -629,7 +635,8 @@ def judge_validity(config: PipelineConfig, stage_dir: Path, judge, judge_spec: s
 
     cfg = config.label
     path = stage_dir / "judge_validity.json"
-    key = {"judge": judge_spec, "method": cfg.method, "reduce": cfg.contrast_reduce, "fewshot": cfg.fewshot,
+    method = judge_method(cfg)
+    key = {"judge": judge_spec, "method": method, "reduce": cfg.contrast_reduce, "fewshot": cfg.fewshot,
            "both_orders": cfg.both_orders, "constitution": config.constitution, "seed": config.seed,
            "pairs": config.evaluate.judge_pairs, "half": "test", "context": cfg.contrast_context,
            "contrast_fewshot": cfg.contrast_fewshot, "contrast_max_tokens": cfg.contrast_max_tokens}
@@ -637,13 +644,13 @@ def judge_validity(config: PipelineConfig, stage_dir: Path, judge, judge_spec: s
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
             return cached
-    fewshot = feedback.load_label_fewshot(cfg.fewshot_file)[:cfg.fewshot] if cfg.method == "multiple_choice" else []
-    result: dict = {"key": key, "method": cfg.method, "model": judge_spec, "sets": {}, "warnings": []}
+    fewshot = feedback.load_label_fewshot(cfg.fewshot_file)[:cfg.fewshot] if method == "multiple_choice" else []
+    result: dict = {"key": key, "method": method, "model": judge_spec, "sets": {}, "warnings": []}
     for name in EVAL_SETS:
         pairs = load_eval_pairs(name, config.evaluate.judge_pairs, half="test")
         pool = [p for p in load_constitution(config.constitution).feedback_principles if p.kind == name]
         items = [(r["prompt"], sample_principles(pool, 1, config.seed, r["id"])[0], r["a"], r["b"]) for r in pairs]
-        judged = feedback.judge(judge, cfg.method, items, **judge_settings(cfg, fewshot, 1.0))
+        judged = feedback.judge(judge, method, items, **judge_settings(cfg, fewshot, 1.0))
         stats = summarise([j.p_a for j in judged], [r["chosen_is_a"] for r in pairs])
         axis = "harmlessness" if name == "harmless" else "helpfulness"
         result["sets"][axis] = {"pairs": name, "n": stats["n"], "accuracy": stats["accuracy"],
