@@ -163,6 +163,22 @@ def test_rlcd_openings_start_only_the_follows_answer(tmp_path, tiny_model_dir):
     chats = [chat for calls, _ in policy.calls for chat in calls]
     assert all(c[-1]["role"] == "assistant" for c in chats[0::2]) and all(c[-1]["role"] == "user" for c in chats[1::2])
     assert len({r["opening"] for r in rows}) > 1  # the openings are taken in turn, not always the first
+    assert all(r["violates_opening"] is None for r in rows)  # no violates openings for harmless principles
+
+
+def test_rlcd_violates_openings_start_the_helpful_violates_answer(tmp_path, tiny_model_dir):
+    from constitutional.constitution import load_constitution
+
+    refusals = load_constitution("default").violates_openings["helpful"]
+    policy = ScriptedBackend(lambda chat: "and that is all." if chat[-1]["role"] == "assistant" else "Paris.")
+    config = _config(tiny_model_dir, "label.method=rlcd", "label.limit=1", "label.helpful_prompts=helpful",
+                     "label.helpful_limit=4", "label.rlcd_openings=true")
+    label.run(config, tmp_path, policy_backend=policy, feedback_backend=ContrastFake())
+    helpful = [r for r in read_jsonl(tmp_path / "label" / "comparisons.jsonl") if r["kind"] == "helpful"]
+    assert len(helpful) == 4
+    for row in helpful:  # the answer is preferred to a needless refusal
+        assert row["opening"] is None and row["violates_opening"] in refusals
+        assert row["chosen"][0]["content"] == "Paris." and row["rejected"][0]["content"].startswith(row["violates_opening"])
 
 
 def test_rlcd_rescored_pairs_are_judged_by_contrast(tmp_path, tiny_model_dir):

@@ -27,7 +27,10 @@ alternative" vs. "helps with anything and never refuses", is what makes contrast
 follows the principles of that kind may begin ("I can't help with that, but ..."). Stage 1's
 ``follows_candidates`` continue them under a principle's ``follows`` system prompt, so that a small
 model proposes candidates it would rarely write unprompted; whether one is kept is still decided by
-the feedback model's score under the round's principle.
+the feedback model's score under the round's principle. An optional ``violates_openings`` of the
+same shape lists how a response that violates the principles of a kind may begin (for ``helpful``,
+a needless refusal): RLCD pairs (``label.rlcd_openings``) start their violates answer with one, so
+that DPO learns that an ordinary request deserves an answer, not a refusal.
 
 * Anthropic's published JSON: an object ``{name: {"prompt": [critique], "edit_request": revision}}``
   for SL principles, or a list of strings for feedback principles.
@@ -88,6 +91,8 @@ class Constitution:
     sources: tuple[str, ...] = field(default=())
     # kind -> openings of a response that follows the principles of that kind (optional; see module doc)
     openings: dict = field(default_factory=dict)
+    # kind -> openings of a response that violates the principles of that kind (optional)
+    violates_openings: dict = field(default_factory=dict)
 
     def require_sl(self) -> None:
         if not self.sl_principles:
@@ -166,10 +171,13 @@ def _merge(parts: list[Constitution]) -> Constitution:
             fb.append(p)
     sources = tuple(s for part in parts for s in part.sources)
     openings: dict = {}
+    violates: dict = {}
     for part in parts:
         for kind, items in part.openings.items():
             openings[kind] = openings.get(kind, ()) + items
-    return Constitution("+".join(p.name for p in parts), tuple(sl), tuple(fb), sources, openings)
+        for kind, items in part.violates_openings.items():
+            violates[kind] = violates.get(kind, ()) + items
+    return Constitution("+".join(p.name for p in parts), tuple(sl), tuple(fb), sources, openings, violates)
 
 
 def _text(value, path: Path, where: str) -> str:
@@ -190,7 +198,8 @@ def _check_keys(item, allowed: set[str], required: set[str], path: Path, where: 
 
 
 def _from_yaml(data, path: Path) -> Constitution:
-    top = {"name", "version", "description", "sl_principles", "feedback_principles", "contrast_base", "openings"}
+    top = {"name", "version", "description", "sl_principles", "feedback_principles", "contrast_base", "openings",
+           "violates_openings"}
     _check_keys(data, top, set(), path, "top level")
     base = _contrast_base(data.get("contrast_base"), path)
     if "sl_principles" not in data and "feedback_principles" not in data:
@@ -241,23 +250,24 @@ def _from_yaml(data, path: Path) -> Constitution:
         if p.feedback is not None and p.feedback not in fb_ids:
             raise CaiError(f"{path}: sl_principles[{i}].feedback: no feedback principle with id {p.feedback!r}")
     openings = _openings(data.get("openings"), path)
+    violates = _openings(data.get("violates_openings"), path, "violates_openings")
     name = str(data.get("name") or path.stem)
-    return Constitution(name, tuple(sl), tuple(fb), (str(path),), openings)
+    return Constitution(name, tuple(sl), tuple(fb), (str(path),), openings, violates)
 
 
-def _openings(data, path: Path) -> dict[str, tuple[str, ...]]:
-    """``openings: {kind: [text, ...]}`` -> {kind: (text, ...)}."""
+def _openings(data, path: Path, key: str = "openings") -> dict[str, tuple[str, ...]]:
+    """``openings: {kind: [text, ...]}`` -> {kind: (text, ...)} (also ``violates_openings``)."""
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise CaiError(f"{path}: openings: expected a mapping of kind -> list of openings")
+        raise CaiError(f"{path}: {key}: expected a mapping of kind -> list of openings")
     out = {}
     for kind, items in data.items():
         if kind not in FEEDBACK_KINDS:
-            raise CaiError(f"{path}: openings.{kind}: unknown kind (kinds: {', '.join(FEEDBACK_KINDS)})")
+            raise CaiError(f"{path}: {key}.{kind}: unknown kind (kinds: {', '.join(FEEDBACK_KINDS)})")
         if not isinstance(items, list) or not items:
-            raise CaiError(f"{path}: openings.{kind}: expected a non-empty list of strings")
-        out[kind] = tuple(_text(t, path, f"openings.{kind}[{i}]") for i, t in enumerate(items))
+            raise CaiError(f"{path}: {key}.{kind}: expected a non-empty list of strings")
+        out[kind] = tuple(_text(t, path, f"{key}.{kind}[{i}]") for i, t in enumerate(items))
     return out
 
 

@@ -114,7 +114,8 @@ def run(config: PipelineConfig, out_dir: str | Path, policy_backend=None, feedba
                 if cfg.method == "rlcd":
                     chats = rlcd_chats([p.prompt for p, _ in chunk], [ps[0] for ps in drawn])
                     if cfg.rlcd_openings:
-                        starts = rlcd_openings(chunk, drawn, constitution.openings, chats)
+                        starts = rlcd_openings(chunk, drawn, constitution.openings, chats,
+                                               constitution.violates_openings)
                 else:
                     chats = [[{"role": "user", "content": p.prompt}] for p, _ in chunk for _ in range(2)]
                 responses = policy_backend.generate(chats, SamplingParams(
@@ -129,7 +130,7 @@ def run(config: PipelineConfig, out_dir: str | Path, policy_backend=None, feedba
                         continue
                     pairs.append((p, kind, a, b, drawn[j]))
                 if cfg.method == "rlcd":
-                    opened = {p.id: starts[2 * j] for j, (p, _) in enumerate(chunk)}
+                    opened = {p.id: (starts[2 * j], starts[2 * j + 1]) for j, (p, _) in enumerate(chunk)}
                     judged = _rlcd_rows(pairs, cfg, feedback_backend, temperature, policy_spec, feedback_spec,
                                         opened)
                 else:
@@ -216,17 +217,21 @@ def rlcd_chats(prompts: list[str], principles: list) -> list[list[dict]]:
             for system in (principle.follows, principle.violates)]
 
 
-def rlcd_openings(chunk, drawn, openings: dict, chats: list[list[dict]]) -> list[str]:
-    """Start each ``follows`` answer with one of the constitution's ``openings`` for its kind (in turn, by
-    prompt id), appended to its chat as an open assistant turn; the violates answers start empty.
-    Returns the opening of every chat (``""`` for none), in chat order."""
+def rlcd_openings(chunk, drawn, openings: dict, chats: list[list[dict]], violates_openings: dict | None = None
+                  ) -> list[str]:
+    """Start each ``follows`` answer with one of the constitution's ``openings`` for its kind, and each
+    ``violates`` answer with one of its ``violates_openings`` (chosen by prompt id), appended to the
+    chat as an open assistant turn; a kind with none starts empty. Returns the opening of every chat
+    (``""`` for none), in chat order (follows, violates, follows, ...)."""
     starts = []
     for j, (p, _) in enumerate(chunk):
-        kind_openings = openings.get(drawn[j][0].kind, ())
-        start = kind_openings[zlib.crc32(p.id.encode()) % len(kind_openings)] if kind_openings else ""
-        if start:
-            chats[2 * j].append({"role": "assistant", "content": start})
-        starts += [start, ""]
+        pick = zlib.crc32(p.id.encode())
+        for side, table in ((0, openings), (1, violates_openings or {})):
+            kind_openings = table.get(drawn[j][0].kind, ())
+            start = kind_openings[pick % len(kind_openings)] if kind_openings else ""
+            if start:
+                chats[2 * j + side].append({"role": "assistant", "content": start})
+            starts.append(start)
     return starts
 
 
@@ -262,7 +267,9 @@ def _rlcd_rows(pairs, cfg, backend, temperature, policy_spec: str, feedback_spec
             "principle_ids": [ps[0].id],
             "method": "rlcd",
             "system_prompts": {"response_a": ps[0].follows, "response_b": ps[0].violates},
-            "opening": (opened or {}).get(p.id) or None,  # how the follows answer was made to begin
+            # how the follows / violates answers were made to begin (None: as the model began them)
+            "opening": ((opened or {}).get(p.id) or ("", ""))[0] or None,
+            "violates_opening": ((opened or {}).get(p.id) or ("", ""))[1] or None,
             "rescored": cfg.rlcd_rescore,
             "cot": None,
             "kind": kind,
