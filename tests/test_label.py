@@ -178,7 +178,8 @@ def test_rlcd_violates_openings_start_the_helpful_violates_answer(tmp_path, tiny
     assert len(helpful) == 4
     for row in helpful:  # the answer is preferred to a needless refusal
         assert row["opening"] is None and row["violates_opening"] in refusals
-        assert row["chosen"][0]["content"] == "Paris." and row["rejected"][0]["content"].startswith(row["violates_opening"])
+        assert row["chosen"][0]["content"] == "Paris."
+        assert row["rejected"][0]["content"].startswith(row["violates_opening"])
 
 
 def test_rlcd_rescored_pairs_are_judged_by_contrast(tmp_path, tiny_model_dir):
