@@ -412,7 +412,8 @@ class RlConfig:
     kl_coef: beta, the weight of the KL penalty log pi - log pi_ref (0: no penalty).
     learning_rate: constant learning rate of the policy (and the value head).
     ppo_epochs: ppo only: passes over each batch of responses.
-    minibatch_size: ppo only: responses per gradient step.
+    minibatch_size: ppo: responses per gradient step; dpo: pairs per forward pass (gradients are accumulated
+        over ``prompts_per_step`` pairs, so this bounds memory).
     clip_range: epsilon of the clipped probability ratio.
     value_clip: ppo only: how far a value estimate may move from its rollout value per update.
     vf_coef: ppo only: weight of the value loss.

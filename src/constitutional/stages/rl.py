@@ -527,9 +527,13 @@ def _run_dpo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, comparisons:
         def on_save(self, args, state, control, model=None, **kwargs):
             save_checkpoint(model, tokenizer, stage_dir / "checkpoints", state.global_step)
 
+    # prompts_per_step pairs an optimizer step, in micro-batches of minibatch_size: the logits of a pair
+    # batch (4 sequences x tokens x vocabulary, in float32) are what fills memory
+    micro = math.gcd(cfg.prompts_per_step, min(cfg.minibatch_size, cfg.prompts_per_step))
     args = DPOConfig(
         output_dir=str(trainer_dir), max_steps=cfg.steps, learning_rate=cfg.learning_rate,
-        lr_scheduler_type="constant", warmup_steps=0, per_device_train_batch_size=cfg.prompts_per_step,
+        lr_scheduler_type="constant", warmup_steps=0, per_device_train_batch_size=micro,
+        gradient_accumulation_steps=cfg.prompts_per_step // micro,
         beta=cfg.dpo_beta, loss_type=["exo_pair" if cfg.dpo_loss == "soft" else "sigmoid"],
         max_grad_norm=cfg.max_grad_norm, logging_steps=1, save_steps=cfg.save_steps, save_total_limit=1,
         report_to="none", use_cpu=device == "cpu", bf16=False, fp16=False, seed=seed, dataloader_num_workers=0,
