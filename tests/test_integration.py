@@ -75,7 +75,8 @@ def test_rl_ppo_on_the_embedded_model(tmp_path):
     (tmp_path / "pm" / "metrics.json").write_text(json.dumps({"reward_mean": 0.5, "reward_std": 2.0}))
 
     code = main(["rl", "--config", "configs/smollm2-cpu.yaml", "--out", str(tmp_path),
-                 "--set", f"rl.policy={policy}", "--set", "rl.steps=2", "--set", "rl.prompts_per_step=2",
+                 "--set", f"rl.policy={policy}", "--set", "rl.algo=ppo", "--set", "rl.steps=2",
+                 "--set", "rl.prompts_per_step=2",
                  "--set", "rl.minibatch_size=2", "--set", "rl.max_new_tokens=16", "--set", "rl.eval_prompts=2",
                  "--set", "rl.save_steps=1"])
     assert code == 0
