@@ -99,10 +99,15 @@ def server_command(python: Path, model_dir: str, served_name: str, host: str = "
     sampling defaults, so a request means what it says (the backend sends every parameter).
     ``--enforce-eager`` skips torch.compile: measured here on SmolLM2-135M, the server was ready
     in 33-45 s instead of 89-136 s, and generated as fast (about 300 tokens/s either way).
+    ``--no-enable-chunked-prefill``: with chunked prefill, a seeded request whose prompt is split over
+    two scheduler steps crashes vLLM 0.32's CPU worker ("CPU Generator does not use offset", when it
+    rewinds the request's generator), and the whole server with it; stage 1 sends seeded requests
+    with long few-shot prompts in batches, which is exactly that case (seen in bench/server.py).
     """
     cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
            "--served-model-name", served_name, "--host", host, "--port", str(port),
-           "--dtype", "float32", "--generation-config", "vllm", "--disable-uvicorn-access-log"]
+           "--dtype", "float32", "--generation-config", "vllm", "--disable-uvicorn-access-log",
+           "--no-enable-chunked-prefill"]
     if eager:
         cmd.append("--enforce-eager")
     if max_model_len:
