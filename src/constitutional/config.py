@@ -171,8 +171,9 @@ class SftConfig:
     epochs: passes over the training mix.
     max_steps: stop after this many optimizer steps (None: run all epochs).
     learning_rate: peak learning rate (cosine decay after a short warm-up).
-    batch_size: sequences per optimizer step (before gradient accumulation).
-    gradient_accumulation_steps: micro-batches per optimizer step.
+    batch_size: sequences per forward pass (a micro-batch; memory grows with it).
+    gradient_accumulation_steps: micro-batches per optimizer step (each step sees
+        batch_size x gradient_accumulation_steps sequences).
     max_length: truncate training sequences to this many tokens.
     lora: train a LoRA adapter instead of all weights; the saved model is merged.
     lora_r: LoRA rank.

@@ -8,6 +8,8 @@ the loss, in place of transformers' own.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 
 _STAGE: tuple[int, int, str] | None = None
@@ -47,6 +49,24 @@ def quiet_trainer(trainer):
 
         trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+@contextlib.contextmanager
+def library_bars_off():
+    """Inside it, tqdm bars that a library makes honour ``TQDM_DISABLE`` (TRL's DPO reference pass does)
+    and stay off unless ``--verbose``; ours are made outside it."""
+    if not QUIET[0]:
+        yield
+        return
+    saved = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = saved
 
 
 def trainer_bar(name: str):

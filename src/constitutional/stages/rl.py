@@ -538,12 +538,17 @@ def _run_dpo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, comparisons:
         max_grad_norm=cfg.max_grad_norm, logging_steps=1, save_steps=cfg.save_steps, save_total_limit=1,
         report_to="none", use_cpu=device == "cpu", bf16=False, fp16=False, seed=seed, dataloader_num_workers=0,
         gradient_checkpointing=False, max_length=1024, disable_tqdm=True,
+        # the reference log-probabilities of every pair computed once, before training, by the policy itself
+        # (it is the reference then): no second model in memory and no reference pass in each step
+        precompute_ref_log_probs=True, precompute_ref_batch_size=max(micro, 4),
         label_smoothing=0.1 if cfg.dpo_loss == "soft" else 0.0,  # replaced row by row (EXO needs it above 0)
     )
     model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
-    trainer = _soft_dpo_trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                                        callbacks=[progress.trainer_bar("rl (dpo)"), Log()],
-                                        peft_config=_lora_config(cfg) if cfg.lora else None)
+    _log(f"reference log-probabilities of {len(dataset)} pairs")
+    with progress.library_bars_off():
+        trainer = _soft_dpo_trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                            callbacks=[progress.trainer_bar("rl (dpo)"), Log()],
+                                            peft_config=_lora_config(cfg) if cfg.lora else None)
     progress.quiet_trainer(trainer)
     if last:
         _log(f"resuming from {last}")
