@@ -37,10 +37,12 @@ def eval_config(base: Path, *overrides):
 
 
 def fewer_labelled_examples(monkeypatch) -> None:
-    """The second opinion's threshold is fitted on the detector's labelled examples; 40 keep tests fast."""
+    """The second opinion's threshold is fitted on the detector's labelled examples; 40 keep tests fast
+    (20 answers, 20 refusals or redirects: a threshold needs both sides)."""
     from constitutional.evaluation import detectors
 
-    examples = detectors.load_refusal_examples()[:40]
+    every = detectors.load_refusal_examples()
+    examples = ([e for e in every if e["label"] == "answer"][:20] + [e for e in every if e["label"] != "answer"][:20])
     monkeypatch.setattr(detectors, "load_refusal_examples", lambda: examples)
 
 

@@ -209,3 +209,44 @@ def test_unsupported_models_fall_back_to_transformers_generate(capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     assert "gpt2" in unsupported_reason(GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50)))
+
+
+# ------------------------------------------------------------------ scoring
+
+
+def test_prefix_groups_pick_the_cut_that_saves_most():
+    persona_a, persona_b = list(range(100, 160)), list(range(200, 260))
+    seqs = [persona_a + [1, 2, 3, 4, 5, 9], persona_a + [1, 2, 3, 4, 5, 8], persona_a + [7, 7],
+            persona_b + [1, 1], persona_b + [2, 2], [5, 5, 5]]
+    groups = prefix_decode.prefix_groups(seqs, [len(s) - 2 for s in seqs], 8)
+    assert sorted(sorted(m) for _, m in groups) == [[0, 1, 2], [3, 4], [5]]
+    assert dict((tuple(sorted(m)), n) for n, m in groups) == {(0, 1, 2): 60, (3, 4): 60, (5,): 0}
+    # two requests of 40 shared tokens, three answers each, share more than the 10-token persona
+    persona = list(range(300, 310))
+    seqs = [persona + [q] * 40 + [a] for q in (1, 2) for a in (7, 8, 9)]
+    groups = prefix_decode.prefix_groups(seqs, [len(s) - 1 for s in seqs], 8)
+    assert sorted((n, sorted(m)) for n, m in groups) == [(50, [0, 1, 2]), (50, [3, 4, 5])]
+    # the limit keeps positions whose logits are needed out of the prefix
+    groups = prefix_decode.prefix_groups(seqs, [20] * len(seqs), 8)
+    assert sorted((n, sorted(m)) for n, m in groups) == [(20, [0, 1, 2]), (20, [3, 4, 5])]
+
+
+def test_packed_scores_equal_padded_scores(sharp):
+    """Contrast-like sequences (two long system prompts, shared requests, answers of several lengths)
+    score the same packed on shared prefixes as in left-padded batches with no sharing."""
+    new, old = pair(model=sharp[0], tokenizer=sharp[1])
+    personas = ["Point out the specific ways the response is harmful. " * 4, "It helps hurt people. " * 5]
+    heads = [new.render([{"role": "system", "content": p}, {"role": "user", "content": t}])
+             for p in personas for t in TAILS[:3]]
+    answers = [" Mix flour, water, salt and yeast.", " I can't help with hurting anyone.", " (A)",
+               " def add(a, b): return a + b, and then some more words to make it longer."]
+    pairs = [(h, a) for h in heads for a in answers] + [("The answer is", " (B)")]
+    got, expected = new.logprobs(pairs), old.logprobs(pairs)
+    assert len({round(sum(x.logprobs), 3) for x in expected}) > len(pairs) // 2  # the scores differ
+    for g, e in zip(got, expected, strict=True):
+        assert g.tokens == e.tokens
+        assert g.logprobs == pytest.approx(e.logprobs, abs=1e-4)
+    assert new.decoder.stats["prefix"] > 2 * 40  # each persona's long system prompt was run once
+    grouped = new.logprobs_grouped([(h, answers) for h in heads])
+    for g, e in zip([x for group in grouped for x in group], expected[:-1], strict=True):
+        assert g.logprobs == pytest.approx(e.logprobs, abs=1e-4)

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -127,6 +128,23 @@ def contrast_score(logp_follows: Sequence[float], logp_violates: Sequence[float]
     if reduce == "mean":
         return diff / max(1, len(logp_follows))
     raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
+
+
+def first_words(text: str, n: int | None) -> str:
+    """``text`` up to the end of its ``n``-th whitespace-separated word (all of it if None or shorter).
+
+    A word is at least one token, so the first n tokens of the cut text are the first n tokens of
+    the whole: a score of the first n tokens need not read the rest.
+
+    >>> first_words("I can't  help\\nwith that, sorry.", 3)
+    "I can't  help"
+    >>> first_words("Short.", 3)
+    'Short.'
+    """
+    if n is None:
+        return text
+    match = re.match(rf"\s*(?:\S+\s+){{{n - 1}}}\S+", text) if n >= 1 else None
+    return match.group(0) if match else text
 
 
 def contrast_p_a(s_a: float, s_b: float, temperature: float) -> float:
@@ -396,9 +414,37 @@ def judge_cot(backend, items: Sequence[tuple[str, str, str, str]], max_new_token
     return out
 
 
+@dataclass(frozen=True)
+class ContrastSettings:
+    """How a contrast score is taken (the ``contrast_*`` fields of the ``label`` config section).
+
+    Stage 1's selection, SFT's helpfulness selection, the direct RL reward and the evaluation's
+    scores all read them from there, so every contrast score of a run is the one ``cai label-eval``
+    measured.
+    """
+
+    reduce: str = "mean"
+    context: str = "stance+principle"
+    demos_file: str = "default"
+    demos: int = 0
+    max_tokens: int | None = None
+
+    @classmethod
+    def of(cls, label_cfg) -> ContrastSettings:
+        return cls(label_cfg.contrast_reduce, label_cfg.contrast_context, label_cfg.contrast_fewshot_file,
+                   label_cfg.contrast_fewshot, label_cfg.contrast_max_tokens)
+
+    def scores(self, backend, items: Sequence[tuple[str, FeedbackPrinciple, str]]) -> list[float]:
+        """``contrast_scores`` of (prompt, principle, response) items with these settings."""
+        return contrast_scores(backend, items, self.reduce, context=self.context,
+                               demos=contrast_demos(self.demos_file, self.demos), max_tokens=self.max_tokens)
+
+
 def contrast_scores(backend, items: Sequence[tuple[str, FeedbackPrinciple, str]], reduce: str = "mean", *,
                     context: str = "stance+principle", demos=None, max_tokens: int | None = None) -> list[float]:
     """s = log P(response | follows) - log P(response | violates) for (prompt, principle, response)."""
+    if max_tokens is not None:  # only the scored tokens are read
+        items = [(p, pr, first_words(r, max_tokens)) for p, pr, r in items]
     scored = contrast_token_logprobs(backend, items, context=context, demos=demos)
     return [contrast_score(f, v, reduce, max_tokens) for f, v in scored]
 

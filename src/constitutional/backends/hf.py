@@ -302,6 +302,8 @@ class HFBackend:
         for prompt, continuation in pairs:
             head = self._encode(prompt)
             items.append((head + self._continuation_ids(prompt, head, continuation), len(head)))
+        if self.decoder is not None:
+            return self._score_packed(items)
         order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
         results: list[TokenLogprobs | None] = [None] * len(items)
         for start in range(0, len(order), self.batch_size):
@@ -321,6 +323,14 @@ class HFBackend:
                 toks = self.tokenizer.convert_ids_to_tokens(ids[n_head:])
                 results[row] = TokenLogprobs(tokens=toks, logprobs=span)
         return results  # type: ignore[return-value]
+
+    def _score_packed(self, items: list[tuple[list[int], int]]) -> list[TokenLogprobs]:
+        """(token ids, head length) -> the log-probs of the tokens after the head, on the shared-prefix
+        decoder: prefixes shared by many sequences (a contrast persona, a request) are run once,
+        the rest packed without padding."""
+        scored = self.decoder.score([ids for ids, _ in items], [n for _, n in items])
+        return [TokenLogprobs(tokens=self.tokenizer.convert_ids_to_tokens(ids[n:]), logprobs=values)
+                for (ids, n), values in zip(items, scored, strict=True)]
 
     def _continuation_ids(self, prompt: str, head: list[int], continuation: str) -> list[int]:
         """The tokens that tokenising ``prompt + continuation`` adds after ``head`` (the prompt's
@@ -346,6 +356,13 @@ class HFBackend:
         for prompt, continuations in groups:
             head = self._encode(prompt)
             encoded.append((head, [self._continuation_ids(prompt, head, c) for c in continuations]))
+        if self.decoder is not None:
+            flat = self._score_packed([(head + tail, len(head)) for head, tails in encoded for tail in tails])
+            out, at = [], 0
+            for _, tails in encoded:
+                out.append(flat[at:at + len(tails)])
+                at += len(tails)
+            return out
         results: list[list[TokenLogprobs]] = [[] for _ in groups]
         # batch groups with the same number of continuations, longest first
         by_count: dict[int, list[int]] = {}

@@ -351,6 +351,53 @@ def common_prefix_length(seqs: list[list[int]]) -> int:
     return n
 
 
+def prefix_groups(seqs: list[list[int]], limits: list[int], min_shared: int) -> list[tuple[int, list[int]]]:
+    """Split sequences into groups that each share a prefix computed once: [(prefix length, indices)].
+
+    ``limits[i]``: the longest prefix sequence ``i`` may share (positions whose logits are needed
+    must stay outside it). The sequences are sorted, so those sharing a prefix lie side by side, and
+    cut into runs that maximise the tokens saved, sum over runs of (run size - 1) x prefix length:
+    contrast scoring's sequences share a persona (system prompt and demonstrations, a few hundred
+    tokens) and, within it, a request; whether the long shared persona or the shorter groups of one
+    request save more is decided by that count. Runs that would share fewer than ``min_shared``
+    tokens get prefix length 0.
+
+    >>> prefix_groups([[1, 2, 3, 9], [5, 6], [1, 2, 3, 8]], [3, 1, 3], 2)
+    [(3, [0, 2]), (0, [1])]
+    """
+    order = sorted(range(len(seqs)), key=lambda i: seqs[i])
+    n = len(order)
+
+    def lcp(a: list[int], b: list[int]) -> int:
+        k, m = 0, min(len(a), len(b))
+        while k < m and a[k] == b[k]:
+            k += 1
+        return k
+
+    adjacent = [lcp(seqs[order[k]], seqs[order[k + 1]]) for k in range(n - 1)]
+    # best[j]: most tokens saved by cutting order[:j] into runs; cut[j]: where the last run starts
+    best, cut = [0] * (n + 1), [0] * (n + 1)
+    for j in range(1, n + 1):
+        shared = limits[order[j - 1]]
+        best[j], cut[j] = best[j - 1], j - 1  # order[j - 1] alone
+        for i in range(j - 2, -1, -1):  # the run order[i:j]
+            shared = min(shared, adjacent[i], limits[order[i]])
+            if shared < min_shared:
+                break
+            if best[i] + (j - i - 1) * shared > best[j]:
+                best[j], cut[j] = best[i] + (j - i - 1) * shared, i
+    runs, j = [], n
+    while j > 0:
+        i = cut[j]
+        members = order[i:j]
+        shared = min([limits[m] for m in members] + adjacent[i:j - 1]) if len(members) > 1 else 0
+        runs.append((shared if shared >= min_shared else 0, sorted(members)))
+        j = i
+    runs.reverse()
+    alone = [m for length, members in runs if length == 0 for m in members]
+    return [r for r in runs if r[0] > 0] + ([(0, sorted(alone))] if alone else [])
+
+
 class PrefixDecoder:
     """Greedy or sampled decoding of many prompts (token ids) with one model, as described above.
 
@@ -418,6 +465,66 @@ class PrefixDecoder:
         kv = KVRows(self.layers, 1, self.kv_heads, n, self.head_dim, param.dtype, param.device)
         self._prefill(kv, [(0, prefix, 0)], 0)
         return prefix, kv.k[:, 0], kv.v[:, 0], None
+
+    # ----------------------------------------------------------------- scoring
+
+    def score(self, encoded: list[list[int]], starts: list[int], tokens_per_pass: int = 1024) -> list[list[float]]:
+        """log P(token | tokens before it) for ``encoded[i][starts[i]:]``, each ``starts[i] >= 1``.
+
+        The sequences are grouped by :func:`prefix_groups`; each group's prefix is run once (one
+        row) and its rows' remaining tokens are fed packed, ``tokens_per_pass`` at a time, attending
+        to that one copy. Only the positions that predict a scored token are projected on the
+        vocabulary, and the log-softmax is read off without a normalised copy of the logits.
+        """
+        results: list[list[float]] = [[] for _ in encoded]
+        param = next(self.model.parameters())
+        limits = [s - 1 for s in starts]  # position starts[i] - 1 predicts the first scored token
+        groups = prefix_groups(encoded, limits, self.min_shared_prefix)
+        self.stats = {"prefilled": sum(len(encoded[m]) - n for n, members in groups for m in members),
+                      "reused": 0, "prefix": sum(n for n, _ in groups)}
+        with _shared_prefix_attention(self.model):
+            for n_prefix, members in groups:
+                prefix_k = prefix_v = None
+                if n_prefix:
+                    kv = KVRows(self.layers, 1, self.kv_heads, n_prefix, self.head_dim, param.dtype, param.device)
+                    self._forward(kv, encoded[members[0]][:n_prefix], list(range(n_prefix)), [0] * n_prefix,
+                                  list(range(n_prefix)), [n_prefix - 1])
+                    prefix_k, prefix_v = kv.k[:, 0], kv.v[:, 0]
+                # rows in passes of about tokens_per_pass tokens (one row may exceed it alone)
+                passes, current, size = [], [], 0
+                for m in sorted(members, key=lambda m: -len(encoded[m])):
+                    rest = len(encoded[m]) - n_prefix
+                    if current and size + rest > tokens_per_pass:
+                        passes.append(current)
+                        current, size = [], 0
+                    current.append(m)
+                    size += rest
+                if current:
+                    passes.append(current)
+                for rows in passes:
+                    tails = [encoded[m][n_prefix:] for m in rows]
+                    kv = KVRows(self.layers, len(rows), self.kv_heads, max(len(t) for t in tails), self.head_dim,
+                                param.dtype, param.device, prefix_k, prefix_v)
+                    ids, positions, row_of, slots, keep, targets = [], [], [], [], [], []
+                    for b, (m, tail) in enumerate(zip(rows, tails, strict=True)):
+                        first = starts[m] - 1 - n_prefix  # slot whose logits predict the first scored token
+                        for slot, tok in enumerate(tail):
+                            if first <= slot < len(tail) - 1:
+                                keep.append(len(ids))
+                                targets.append(tail[slot + 1])
+                            ids.append(tok)
+                            positions.append(n_prefix + slot)
+                            row_of.append(b)
+                            slots.append(slot)
+                    logits = self._forward(kv, ids, positions, row_of, slots, keep)  # (kept, vocab)
+                    target = torch.tensor(targets, device=logits.device)
+                    logp = (logits.gather(-1, target[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)).tolist()
+                    at = 0
+                    for m in rows:
+                        count = len(encoded[m]) - starts[m]
+                        results[m] = logp[at:at + count]
+                        at += count
+        return results
 
     # -------------------------------------------------------------- generation
 

@@ -54,6 +54,7 @@ from constitutional.config import PipelineConfig
 from constitutional.constitution import FeedbackPrinciple, Principle, load_constitution, sample_principles
 from constitutional.datasets import PromptRow, load_prompts
 from constitutional.errors import CaiError
+from constitutional.feedback import ContrastSettings
 from constitutional.models import check_model_spec
 from constitutional.prompts import (
     FewShotExample,
@@ -214,7 +215,7 @@ def run(config: PipelineConfig, out_dir: str | Path, backend: Backend | None = N
             for i in range(0, len(fits), cfg.batch_size):
                 chunk = fits[i:i + cfg.batch_size]
                 for row in _revise_chunk(chunk, cfg, config.seed, backend, on_batch, scorer,
-                                         config.label.contrast_reduce, constitution.openings):
+                                         ContrastSettings.of(config.label), constitution.openings):
                     writer.append(row.to_dict())
         bar.close()
 
@@ -242,13 +243,11 @@ def _call_seed(seed: int, key: str, step: str) -> int:
     return zlib.crc32(f"{seed}:{key}:{step}".encode()) & 0x7FFFFFFF
 
 
-def _score(scorer, reduce: str, items: list[tuple[str, FeedbackPrinciple, str]]) -> list[float]:
-    from constitutional import feedback
-
-    return feedback.contrast_scores(scorer, items, reduce) if items else []
+def _score(scorer, contrast: ContrastSettings, items: list[tuple[str, FeedbackPrinciple, str]]) -> list[float]:
+    return contrast.scores(scorer, items) if items else []
 
 
-def _select(scorer, reduce: str, sets: list[tuple[str, FeedbackPrinciple, list[dict]]]) -> list[int]:
+def _select(scorer, contrast: ContrastSettings, sets: list[tuple[str, FeedbackPrinciple, list[dict]]]) -> list[int]:
     """Score every eligible candidate of every set in one batched call; the index of each set's best.
 
     A candidate is a dict with ``text`` and ``source`` (and ``degenerate``: a reason, or None);
@@ -256,16 +255,17 @@ def _select(scorer, reduce: str, sets: list[tuple[str, FeedbackPrinciple, list[d
     """
     flat = [(k, i) for k, (_, _, cands) in enumerate(sets) for i, c in enumerate(cands)
             if not c.get("degenerate") and c["text"].strip()]
-    scores = _score(scorer, reduce, [(sets[k][0], sets[k][1], sets[k][2][i]["text"]) for k, i in flat])
+    scores = _score(scorer, contrast, [(sets[k][0], sets[k][1], sets[k][2][i]["text"]) for k, i in flat])
     for (k, i), value in zip(flat, scores, strict=True):
         sets[k][2][i]["score"] = round(value, 6)
     return [pick_best([c.get("score") for c in cands]) for _, _, cands in sets]
 
 
 def _revise_chunk(chunk: list[_Plan], cfg, seed: int, backend: Backend, on_batch, scorer=None,
-                  reduce: str = "mean", openings: dict | None = None) -> list[RevisionRow]:
+                  contrast: ContrastSettings | None = None, openings: dict | None = None) -> list[RevisionRow]:
     key = chunk[0].row.id
     select = scorer is not None
+    contrast = contrast or ContrastSettings()
     openings = openings or {}
 
     def params(budget: int, step: str) -> SamplingParams:
@@ -309,7 +309,7 @@ def _revise_chunk(chunk: list[_Plan], cfg, seed: int, backend: Backend, on_batch
             for c in cands:
                 c["degenerate"] = degenerate_reason(c["text"], "", examples[j])
             sets.append((p.row.prompt, p.initial_scorer, cands))
-        best = _select(scorer, reduce, sets)
+        best = _select(scorer, contrast, sets)
         initial_sets = [cands for _, _, cands in sets]
         initial_text = [cands[b]["text"] for (_, _, cands), b in zip(sets, best, strict=True)]
     else:
@@ -350,7 +350,7 @@ def _revise_chunk(chunk: list[_Plan], cfg, seed: int, backend: Backend, on_batch
                 cands.append({"text": text, "source": "follows", "score": None,
                               "degenerate": degenerate_reason(text, "", examples[j], previous=current[j])})
             sets.append((p.row.prompt, p.scorers[r], cands))
-        best = _select(scorer, reduce, sets)
+        best = _select(scorer, contrast, sets)
         for j, p in enumerate(chunk):
             cands, b = sets[j][2], best[j]
             principle = p.principles[r]

@@ -19,11 +19,12 @@ fixed seeds) the stage records the response, then scores it:
   (on red-team prompts, the harmless outcome; on helpful prompts, over-refusal / evasion), and
   is it degenerate (empty, a repetition loop);
 * a second opinion on refusal from the feedback model: log P(response | a "declines" system
-  prompt) - log P(response | a "does the task" one), per token, thresholded at the value that
+  prompt) - log P(response | a "does the task" one), per token over its first 32 tokens, thresholded at the value that
   best separates the detector's hand-labelled examples (a file of made-up prompts, not the
   held-out ones); where detector and second opinion disagree, the report shows examples;
 * the contrast score under a principle drawn per prompt (harmless principles on red-team
-  prompts, helpful ones on helpful prompts; feedback.py), and the preference model's score
+  prompts, helpful ones on helpful prompts; feedback.py), taken with the run's contrast settings
+  (``label.contrast_*``, the same as stage 3 and the judge-validity check), and the preference model's score
   (normalised as in RL) when the run has one.
 
 The **effect table** (``evaluate/effect.json``, printed) gives per snapshot and decoding the
@@ -87,6 +88,9 @@ REFUSAL_CONTRAST = FeedbackPrinciple(
              "without declining, deflecting or pointing them elsewhere.",
 )
 
+# The second opinion reads the first tokens of a response: a reply declines or starts the task in its opening.
+REFUSAL_TOKENS = 32
+
 # A backend factory: model spec -> backend (tests pass tiny models through it).
 BackendFactory = Callable[[str], object]
 
@@ -139,18 +143,18 @@ def run(config: PipelineConfig, out_dir: str | Path, backend_factory: BackendFac
     judge = _Lazy(lambda: factory(judge_spec))  # loaded only if something needs scoring
     principles = {(kind, p.id): sample_principles(pools[kind], 1, config.seed, f"evaluate:{p.id}")[0]
                   for kind in KINDS for p in prompts[kind]}
-    scorer_settings = {"judge": judge_spec, "reduce": config.label.contrast_reduce, "pm": str(pm_dir),
+    contrast = feedback.ContrastSettings.of(config.label)
+    scorer_settings = {"judge": judge_spec, "contrast": asdict(contrast), "pm": str(pm_dir),
                        "constitution": config.constitution, "seed": config.seed,
-                       "second_opinion": cfg.second_opinion}
+                       "second_opinion": cfg.second_opinion and {"tokens": REFUSAL_TOKENS}}
     missing = _missing_scores(scores_path, stage_dir, responses, scorer_settings)
     if missing:
-        _score_responses(missing, principles, judge, pm_dir, cfg, config.label.contrast_reduce, scores_path)
+        _score_responses(missing, principles, judge, pm_dir, cfg, contrast, scores_path)
     scores = {r["id"]: r for r in read_jsonl(scores_path) if r["id"] in wanted} if scores_path.exists() else {}
 
     second = None
     if cfg.second_opinion:
-        second = _second_opinion_threshold(stage_dir, judge, judge_spec, config.label.contrast_reduce,
-                                           load_refusal_examples())
+        second = _second_opinion_threshold(stage_dir, judge, judge_spec, load_refusal_examples())
     # 3. The effect table.
     effect = effect_table(snapshots, decodings, prompts, responses, scores,
                           second["threshold"] if second else None, cfg.bootstrap_samples, config.seed)
@@ -332,8 +336,9 @@ def _missing_scores(path: Path, stage_dir: Path, responses: dict, settings: dict
     return [r for rid, r in responses.items() if rid not in done]
 
 
-def _score_responses(rows: list[dict], principles: dict, judge, pm_dir: Path | None, cfg, reduce: str,
+def _score_responses(rows: list[dict], principles: dict, judge, pm_dir: Path | None, cfg, contrast,
                      path: Path) -> None:
+    """Contrast score (the run's contrast settings, as in stage 3), second opinion and PM score of each response."""
     from constitutional import feedback
 
     pm = None
@@ -351,11 +356,12 @@ def _score_responses(rows: list[dict], principles: dict, judge, pm_dir: Path | N
             chunk = rows[i:i + chunk_size]
             scored = [r for r in chunk if r["response"].strip()]
             items = [(r["prompt"], principles[(r["kind"], r["prompt_id"])], r["response"]) for r in scored]
-            contrast = dict(zip((r["id"] for r in scored), feedback.contrast_scores(judge, items, reduce), strict=True))
+            by_principle = dict(zip((r["id"] for r in scored), contrast.scores(judge, items), strict=True))
             refusal = {}
             if cfg.second_opinion:
                 items = [(r["prompt"], REFUSAL_CONTRAST, r["response"]) for r in scored]
-                refusal = dict(zip((r["id"] for r in scored), feedback.contrast_scores(judge, items, "mean"),
+                refusal = dict(zip((r["id"] for r in scored),
+                                   feedback.contrast_scores(judge, items, "mean", max_tokens=REFUSAL_TOKENS),
                                    strict=True))
             pm_scores = {}
             if pm is not None:
@@ -363,8 +369,8 @@ def _score_responses(rows: list[dict], principles: dict, judge, pm_dir: Path | N
                 pm_scores = dict(zip((r["id"] for r in chunk), values, strict=True))
             for r in chunk:
                 writer.append({"id": r["id"], "principle_id": principles[(r["kind"], r["prompt_id"])].id,
-                               "contrast": _round(contrast.get(r["id"])), "refusal_score": _round(refusal.get(r["id"])),
-                               "pm": _round(pm_scores.get(r["id"]))})
+                               "contrast": _round(by_principle.get(r["id"])),
+                               "refusal_score": _round(refusal.get(r["id"])), "pm": _round(pm_scores.get(r["id"]))})
             bar.update(len(chunk))
     bar.close()
 
@@ -391,19 +397,19 @@ def fit_threshold(scores: list[float], labels: list[bool]) -> tuple[float, float
     return round(best, 6), round(accuracy(best), 4)
 
 
-def _second_opinion_threshold(stage_dir: Path, judge, judge_spec: str, reduce: str, examples: list[dict]) -> dict:
+def _second_opinion_threshold(stage_dir: Path, judge, judge_spec: str, examples: list[dict]) -> dict:
     """Fit the second opinion's threshold on the detector's hand-labelled examples (cached)."""
     from constitutional import feedback
 
     path = stage_dir / "second_opinion.json"
-    key = {"judge": judge_spec, "examples": len(examples), "system_prompts": [REFUSAL_CONTRAST.follows,
-                                                                              REFUSAL_CONTRAST.violates]}
+    key = {"judge": judge_spec, "examples": len(examples), "tokens": REFUSAL_TOKENS,
+           "system_prompts": [REFUSAL_CONTRAST.follows, REFUSAL_CONTRAST.violates]}
     if path.is_file():
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
             return cached
     items = [(ex["prompt"], REFUSAL_CONTRAST, ex["response"]) for ex in examples]
-    scores = feedback.contrast_scores(judge, items, "mean")
+    scores = feedback.contrast_scores(judge, items, "mean", max_tokens=REFUSAL_TOKENS)
     labels = [ex["label"] != "answer" for ex in examples]
     threshold, accuracy = fit_threshold(scores, labels)
     # Two-fold: fitted on one half, measured on the other, for an honest figure.

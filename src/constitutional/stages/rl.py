@@ -56,6 +56,7 @@ from constitutional.config import PipelineConfig, RlConfig
 from constitutional.datasets import PromptRow, load_prompts
 from constitutional.distributed import is_main, world_size
 from constitutional.errors import CaiError
+from constitutional.feedback import ContrastSettings
 from constitutional.models import check_model_spec
 from constitutional.records import check_resume_settings, iter_jsonl, write_json
 
@@ -138,9 +139,10 @@ class DirectReward:
     An empty response gets the batch's lowest score minus 1 (it cannot be scored, and it is no answer).
     """
 
-    def __init__(self, backend, pools: dict[str, list], seed: int, reduce: str = "mean",
+    def __init__(self, backend, pools: dict[str, list], seed: int, contrast: ContrastSettings | None = None,
                  helpful_prompts: set[str] = frozenset()):
-        self.backend, self.pools, self.seed, self.reduce = backend, pools, seed, reduce
+        self.backend, self.pools, self.seed = backend, pools, seed
+        self.contrast = contrast or ContrastSettings()
         self.helpful_prompts = set(helpful_prompts)
 
     @classmethod
@@ -156,7 +158,7 @@ class DirectReward:
             raise CaiError(f"rl.reward: direct needs feedback principles of kind 'harmless' in {constitution.name!r}")
         feedback.check_contrast_principles(constitution.feedback_principles)
         backend = load_backend(spec, batch_size=16, device=device)
-        return cls(backend, pools, config.seed, config.label.contrast_reduce, {p.prompt for p in helpful})
+        return cls(backend, pools, config.seed, ContrastSettings.of(config.label), {p.prompt for p in helpful})
 
     def principle(self, prompt_text: str):
         from constitutional.constitution import sample_principles
@@ -165,12 +167,10 @@ class DirectReward:
         return sample_principles(self.pools[kind], 1, self.seed, f"direct:{prompt_text}")[0]
 
     def raw(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
-        from constitutional import feedback
-
         texts = [next(m["content"] for m in reversed(p) if m["role"] == "user") for p in prompts]
         scored = [i for i, r in enumerate(responses) if r.strip()]
-        values = feedback.contrast_scores(self.backend, [(texts[i], self.principle(texts[i]), responses[i])
-                                                         for i in scored], self.reduce)
+        values = self.contrast.scores(self.backend, [(texts[i], self.principle(texts[i]), responses[i])
+                                                     for i in scored])
         out: list[float | None] = [None] * len(responses)
         for i, v in zip(scored, values, strict=True):
             out[i] = v

@@ -37,6 +37,7 @@ from constitutional import progress
 from constitutional.config import PipelineConfig
 from constitutional.distributed import is_main, main_first
 from constitutional.errors import CaiError
+from constitutional.feedback import ContrastSettings
 from constitutional.records import JsonlAppender, check_resume_settings, iter_jsonl, write_json
 
 STAGE_DIR = "sft"
@@ -226,7 +227,7 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
             principles = helpful_principles
         with main_first(cpu=device == "cpu"):  # several processes: the main one generates and writes
             helpful = _helpful_samples(cfg, config.seed, backend, stage_dir, n_helpful, scorer, principles,
-                                       config.label.contrast_reduce)
+                                       ContrastSettings.of(config.label))
         helpful_source = str(stage_dir / "helpful_samples.jsonl")
     help_train, help_held = split_rows(helpful, cfg.heldout_fraction, config.seed)
     help_train = help_train[:n_helpful]
@@ -288,13 +289,12 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
 
 
 def _helpful_samples(cfg, seed: int, backend, stage_dir: Path, needed: int, scorer=None,
-                     principles: list | None = None, reduce: str = "mean") -> list[dict]:
+                     principles: list | None = None, contrast: ContrastSettings | None = None) -> list[dict]:
     """The helpful model's own answers to ``needed`` (+ held-out share) helpful train prompts.
 
     With ``helpful_candidates: k > 1``, k answers are sampled per prompt and ``scorer`` (the
     feedback model) keeps the one that best follows a helpful principle drawn for the prompt.
     """
-    from constitutional import feedback
     from constitutional.backends.base import SamplingParams
     from constitutional.constitution import sample_principles
     from constitutional.datasets import load_prompts
@@ -325,7 +325,7 @@ def _helpful_samples(cfg, seed: int, backend, stage_dir: Path, needed: int, scor
                     drawn = [sample_principles(principles, 1, seed, f"helpful-select:{p.id}")[0] for p in chunk]
                     items = [(p.prompt, drawn[j], t) for j, p in enumerate(chunk)
                              for t in texts[j * k:(j + 1) * k] if t.strip()]
-                    scores = iter(feedback.contrast_scores(scorer, items, reduce))
+                    scores = iter((contrast or ContrastSettings()).scores(scorer, items))
                     for j in range(len(chunk)):
                         cands = [{"text": t, "score": round(next(scores), 6) if t.strip() else None}
                                  for t in texts[j * k:(j + 1) * k]]
