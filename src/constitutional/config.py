@@ -105,7 +105,8 @@ class CritiqueReviseConfig:
     critique_max_new_tokens: token budget of each critique.
     temperature: sampling temperature (0: greedy).
     top_p: nucleus sampling mass.
-    batch_size: chats per forward pass.
+    batch_size: chats per forward pass (decoding a batch of 64 chats gives about twice the tokens per
+        second of 32 on a 2-core CPU: each step reads all the weights once, whatever the batch).
     device: ``auto`` (cuda if available), ``cpu`` or ``cuda``.
     candidates: revisions sampled per round; with more than one (or with ``follows_candidates``) the
         feedback model scores every candidate and the current response under the round's principle
@@ -130,7 +131,7 @@ class CritiqueReviseConfig:
     critique_max_new_tokens: int = 96
     temperature: float = 0.7
     top_p: float = 0.95
-    batch_size: int = 16
+    batch_size: int = 64
     device: str = "auto"
     candidates: int = 1
     initial_candidates: int = 1
@@ -211,7 +212,7 @@ class SftConfig:
     save_steps: int = 10
     keep_checkpoints: int = 1
     tensorboard: bool = False
-    generate_batch_size: int = 32
+    generate_batch_size: int = 64
     device: str = "auto"
     helpful_candidates: int = 1
 
@@ -262,7 +263,9 @@ class LabelConfig:
     contrast_fewshot: demonstration exchanges before the scored turn of each contrast context (0: none).
     contrast_fewshot_file: ``default`` (``data/fewshot/contrast.yaml``) or a YAML file of contrast demonstrations.
     contrast_max_tokens: score only the first N tokens of each response (None: all).
-    batch_size: sequences per forward pass.
+    batch_size: chats per forward pass when sampling the pairs (64 decodes about twice as fast as 32 on
+        a 2-core CPU), and prompts per padded batch of multiple-choice scoring (long few-shot prompts: keep it
+        small there).
     device: ``auto`` (cuda if available), ``cpu`` or ``cuda``.
     rlcd_p_chosen: rlcd: the soft label of the follows answer.
     rlcd_rescore: rlcd: judge each pair by the contrast method instead of the fixed label.
@@ -520,7 +523,9 @@ class EvaluateConfig:
     use_pm: score responses with the preference model when there is one.
     bootstrap_samples: resamples behind every 95% interval.
     judge_pairs: measure the judge's validity on at most this many shipped pairs of each set (None: all).
-    batch_size: chats per forward pass.
+    second_opinion_examples: fit the second opinion's threshold on this many of the detector's labelled
+        examples, half answers and half refusals or redirects (None: all 346).
+    batch_size: chats per forward pass (a whole held-out set in one batch decodes fastest).
     device: ``auto`` (cuda if available), ``cpu`` or ``cuda``.
     """
 
@@ -539,7 +544,8 @@ class EvaluateConfig:
     use_pm: bool = True
     bootstrap_samples: int = 1000
     judge_pairs: int | None = None
-    batch_size: int = 32
+    second_opinion_examples: int | None = None
+    batch_size: int = 64
     device: str = "auto"
 
     def check(self) -> None:
@@ -556,6 +562,8 @@ class EvaluateConfig:
         _require(self.sample_temperature > 0, "evaluate.sample_temperature", "must be more than 0")
         _require(self.bootstrap_samples >= 1, "evaluate.bootstrap_samples", "must be at least 1")
         _require(self.judge_pairs is None or self.judge_pairs >= 2, "evaluate.judge_pairs", "must be at least 2")
+        _require(self.second_opinion_examples is None or self.second_opinion_examples >= 4,
+                 "evaluate.second_opinion_examples", "must be at least 4")
         _require(self.batch_size >= 1, "evaluate.batch_size", "must be at least 1")
 
 

@@ -154,7 +154,8 @@ def run(config: PipelineConfig, out_dir: str | Path, backend_factory: BackendFac
 
     second = None
     if cfg.second_opinion:
-        second = _second_opinion_threshold(stage_dir, judge, judge_spec, load_refusal_examples())
+        examples = balanced_examples(load_refusal_examples(), cfg.second_opinion_examples)
+        second = _second_opinion_threshold(stage_dir, judge, judge_spec, examples)
     # 3. The effect table.
     effect = effect_table(snapshots, decodings, prompts, responses, scores,
                           second["threshold"] if second else None, cfg.bootstrap_samples, config.seed)
@@ -397,12 +398,33 @@ def fit_threshold(scores: list[float], labels: list[bool]) -> tuple[float, float
     return round(best, 6), round(accuracy(best), 4)
 
 
+def balanced_examples(examples: list[dict], count: int | None) -> list[dict]:
+    """``count`` labelled examples, half answers and half refusals or redirects, evenly spread over the
+    file (all of them if ``count`` is None or not smaller).
+
+    >>> rows = [{"id": i, "label": "answer" if i % 3 else "refusal"} for i in range(30)]
+    >>> [r["id"] for r in balanced_examples(rows, 6)]
+    [0, 1, 9, 10, 18, 20]
+    """
+    if count is None or count >= len(examples):
+        return examples
+    sides = [[e for e in examples if e["label"] == "answer"], [e for e in examples if e["label"] != "answer"]]
+    want = [count // 2, count - count // 2]
+    picked = []
+    for side, n in zip(sides, want, strict=True):
+        n = min(n, len(side))
+        picked += [side[i * len(side) // n] for i in range(n)] if n else []
+    order = {id(e): i for i, e in enumerate(examples)}
+    return sorted(picked, key=lambda e: order[id(e)])
+
+
 def _second_opinion_threshold(stage_dir: Path, judge, judge_spec: str, examples: list[dict]) -> dict:
     """Fit the second opinion's threshold on the detector's hand-labelled examples (cached)."""
     from constitutional import feedback
 
     path = stage_dir / "second_opinion.json"
-    key = {"judge": judge_spec, "examples": len(examples), "tokens": REFUSAL_TOKENS,
+    key = {"judge": judge_spec, "examples": len(examples),
+           "ids": zlib.crc32(json.dumps([ex.get("id") for ex in examples]).encode()), "tokens": REFUSAL_TOKENS,
            "system_prompts": [REFUSAL_CONTRAST.follows, REFUSAL_CONTRAST.violates]}
     if path.is_file():
         cached = json.loads(path.read_text())
