@@ -348,10 +348,10 @@ def _score_responses(rows: list[dict], principles: dict, judge, pm_dir: Path | N
 
         pm = PMReward(pm_dir, cfg.device, batch_size=cfg.batch_size)
     bar = progress.bar(len(rows), "evaluate: scores", "resp")
-    # Chunks group all snapshots' responses to the same prompts, so each head (system prompt +
-    # prompt) is read once for all of them.
-    rows = sorted(rows, key=lambda r: (r["kind"], r["prompt_id"], r["id"]))
-    chunk_size = max(4 * cfg.batch_size, 8)
+    # Chunks group the responses scored under the same principle (its system prompts and demonstration
+    # are read once for all of them) and, within it, all snapshots' responses to the same prompt.
+    rows = sorted(rows, key=lambda r: (r["kind"], principles[(r["kind"], r["prompt_id"])].id, r["prompt_id"], r["id"]))
+    chunk_size = 128
     with JsonlAppender(path) as writer:
         for i in range(0, len(rows), chunk_size):
             chunk = rows[i:i + chunk_size]
