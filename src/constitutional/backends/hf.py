@@ -12,6 +12,8 @@ copy of the shared prefix's keys and values attended by all rows at once, packed
 finished rows dropped, and the last call's keys and values reused by chats that extend it
 (stage 1's revision chats extend its critique chats). It gives the same greedy outputs;
 ``prefix_attention=False`` (or a model it does not support) uses ``model.generate`` as before.
+Scoring (``logprobs``, ``logprobs_grouped``) runs on the same decoder: a context shared by many
+scored sequences (a contrast persona and its demonstration) is computed once, the rest packed.
 
 Seeds: with ``SamplingParams.seed`` set, batch ``i`` of a call is sampled after
 ``torch.manual_seed(seed + i)``, so the same inputs give the same outputs on the same machine.
@@ -344,8 +346,11 @@ class HFBackend:
 
     @torch.inference_mode()
     def logprobs_grouped(self, groups: Sequence[tuple[str, Sequence[str]]]) -> list[list[TokenLogprobs]]:
-        """``logprobs`` of each continuation in each (prompt, continuations) group, with each
-        prompt run once: its KV cache is copied to each of its continuations.
+        """``logprobs`` of each continuation in each (prompt, continuations) group.
+
+        On the shared-prefix decoder (the default) every sequence goes through ``_score_packed``,
+        which runs each prefix shared by several sequences once. Otherwise (``prefix_attention=False``
+        or an unsupported model) each prompt is run once and its KV cache copied to each continuation.
 
         The contrast labeller scores both responses of a comparison after the same system prompt
         and conversation, so this reads that shared head once instead of twice. Heads are
