@@ -542,8 +542,9 @@ def judge_contrast(backend, items: Sequence[tuple[str, FeedbackPrinciple, str, s
     """
     flat = [(p, pr, r) for p, pr, a, b in items for r in (a, b)]
     if token_logprobs is None:
-        token_logprobs = contrast_token_logprobs(backend, flat, context=context, demos=demos)
-    s = [contrast_score(f, v, reduce, max_tokens) for f, v in token_logprobs]
+        s = contrast_scores(backend, flat, reduce, context=context, demos=demos, max_tokens=max_tokens)
+    else:
+        s = [contrast_score(f, v, reduce, max_tokens) for f, v in token_logprobs]
     out = []
     for i in range(len(items)):
         s_a, s_b = s[2 * i], s[2 * i + 1]

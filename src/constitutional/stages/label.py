@@ -282,13 +282,14 @@ def _rlcd_rows(pairs, cfg, backend, temperature, policy_spec: str, feedback_spec
 
 def judge_settings(cfg, fewshot, temperature) -> dict:
     """The ``feedback.judge`` keyword settings of a ``label`` config section."""
-    from constitutional.feedback import contrast_demos
+    from constitutional.feedback import ContrastSettings, contrast_demos
 
+    contrast = ContrastSettings.of(cfg)
     return {"fewshot": fewshot, "both_orders": cfg.both_orders, "temperature": temperature,
-            "reduce": cfg.contrast_reduce, "cot_max_new_tokens": cfg.cot_max_new_tokens,
-            "cot_min": cfg.cot_min, "cot_max": cfg.cot_max, "contrast_context": cfg.contrast_context,
-            "contrast_demos": contrast_demos(cfg.contrast_fewshot_file, cfg.contrast_fewshot),
-            "contrast_max_tokens": cfg.contrast_max_tokens}
+            "reduce": contrast.reduce, "cot_max_new_tokens": cfg.cot_max_new_tokens,
+            "cot_min": cfg.cot_min, "cot_max": cfg.cot_max, "contrast_context": contrast.context,
+            "contrast_demos": contrast_demos(contrast.demos_file, contrast.demos),
+            "contrast_max_tokens": contrast.max_tokens}
 
 
 def _fit_temperature(backend, pools, seed: int, cfg) -> float:
