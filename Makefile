@@ -8,11 +8,13 @@ PYTHON ?= python3
 
 setup: $(VENV)/.installed
 
-# torch first: 2.13.0 is a CPU build; an unpinned torch would pull a multi-GB CUDA build.
+# torch first: 2.13.0 is a CPU build; an unpinned torch would pull a multi-GB CUDA build. pip takes it
+# (without byte-compiling its 2,300 modules up front) together with uv, which installs the rest in
+# parallel and keeps the torch already there.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-compile torch==2.13.0 uv
+	$(VENV)/bin/uv pip install --quiet --python $(PY) -e '.[test]'
 	touch $@
 
 demo: setup

@@ -32,10 +32,10 @@ Run:
 Writes ``rl/metrics.jsonl`` (a row a step: mean reward, KL, entropy, response length, clip
 fraction), ``rl/checkpoints/step-N/`` every ``save_steps`` steps (plain transformers
 directories, for reward- and Elo-against-step plots), ``rl/model/`` at the end,
-``rl/summary.json`` (the PM's mean reward on held-out red-team prompts before and after, the
-final KL, wall time), ``rl/samples.jsonl`` (those held-out responses before and after) and
-``rl/reward.png``. A rerun after a kill resumes from the last checkpoint; metric rows written
-after it are dropped and written again, so no step appears twice.
+``rl/summary.json`` (the mean reward, from the PM or the direct contrast score, on held-out
+red-team prompts before and after, the final KL, wall time), ``rl/samples.jsonl`` (those held-out
+responses before and after) and ``rl/reward.png``. A rerun after a kill resumes from the last
+checkpoint; metric rows written after it are dropped and written again, so no step appears twice.
 """
 
 from __future__ import annotations
@@ -313,7 +313,8 @@ def run(config: PipelineConfig, out_dir: str | Path, reward_fn: RewardFn | None 
         plot_metrics(rows, stage_dir / "reward.png")
     parts = [f"rl ({cfg.algo}): {summary.get('steps', 0)} steps"]
     if eval_prompts:
-        parts.append(f"held-out PM reward {summary['heldout_reward_before']:.3f} -> "
+        source = "contrast" if cfg.reward == "direct" else "PM"
+        parts.append(f"held-out {source} reward {summary['heldout_reward_before']:.3f} -> "
                      f"{summary['heldout_reward_after']:.3f}")
     if rows and summary["final_kl"] is not None:
         parts.append(f"final KL/token {summary['final_kl']:.4f}")
