@@ -10,7 +10,7 @@ import pytest
 
 from constitutional.cli import main
 from constitutional.config import load_config
-from constitutional.pipeline import plan, stages_needed
+from constitutional.pipeline import _decide, plan, stages_needed
 
 
 def tiny_overrides(model: Path) -> list[str]:
@@ -118,6 +118,13 @@ def test_a_changed_input_file_reruns_the_stage_that_reads_it(tmp_path, tiny_mode
     after = plan(load_config(None, overrides))
     assert after["critique_revise"]["key"] != before["critique_revise"]["key"]
     assert after["critique_revise"]["strict"] != before["critique_revise"]["strict"]
+
+
+def test_a_finished_stage_whose_directory_was_removed_runs_again(tiny_model_dir):
+    k = plan(load_config(None, [f"critique_revise.model={tiny_model_dir}"]))["rl"]
+    done = {"status": "done", **k}
+    assert _decide("rl", done, k, set(), True, exists=True) == "skip"
+    assert _decide("rl", done, k, set(), True, exists=False) == "run"
 
 
 def test_dpo_runs_skip_the_preference_model():

@@ -262,8 +262,11 @@ def run_stages(config: PipelineConfig, out: Path, stages: list[str], config_path
 
 
 def _decide(stage: str, entry: dict, k: dict, forced: set, skip_done: bool, exists: bool) -> str:
-    """What ``run_stages`` does with a stage: skip, resume, restart (with why) or run."""
-    if skip_done and stage not in forced and entry.get("status") == "done" and entry.get("key") == k["key"]:
+    """What ``run_stages`` does with a stage: skip, resume, restart (with why) or run.
+
+    A finished stage is skipped only while its directory is there: one removed by hand is run again."""
+    if (skip_done and stage not in forced and entry.get("status") == "done" and entry.get("key") == k["key"]
+            and exists):
         return "skip"
     resumable = not skip_done or (stage not in forced and entry.get("upstream") == k["upstream"]
                                   and entry.get("strict") == k["strict"])
