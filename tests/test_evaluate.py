@@ -223,6 +223,33 @@ def test_a_rerun_reuses_everything_and_loads_no_model(evaluated, tiny_model_dir)
     assert again["effect"] == summary["effect"] and again["elo"] == summary["elo"]
 
 
+def test_a_copied_run_directory_reuses_everything(evaluated, tmp_path, tiny_model_dir):
+    import shutil
+
+    run_dir, summary, _ = evaluated
+    copy = tmp_path / "copied"
+    shutil.copytree(run_dir, copy, copy_function=shutil.copy)  # like `cp -r`: new paths, new times
+    factory = CountingFactory()
+    again = evaluate.run(eval_config(tiny_model_dir), copy, backend_factory=factory)
+    assert factory.loaded == []
+    assert again["effect"] == summary["effect"] and again["elo"] == summary["elo"]
+
+
+def test_fingerprint_follows_the_weights_not_the_path(tmp_path, tiny_model_dir):
+    import shutil
+
+    from constitutional.evaluation.snapshots import fingerprint
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy, copy_function=shutil.copy)
+    assert fingerprint(str(copy)) == fingerprint(str(tiny_model_dir))
+    weights = next(copy.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one byte of the last tensor
+    weights.write_bytes(bytes(data))
+    assert fingerprint(str(copy)) != fingerprint(str(tiny_model_dir))
+
+
 def test_changed_weights_redo_only_that_snapshot(tmp_path, tiny_model_dir):
     run_dir = make_run(tmp_path)
     config = eval_config(tiny_model_dir, "evaluate.sampled=false", "evaluate.elo=false",

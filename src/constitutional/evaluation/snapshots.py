@@ -119,17 +119,35 @@ def resolve_snapshots(config, out_dir: str | Path) -> list[Snapshot]:
     return snapshots
 
 
-def fingerprint(spec: str) -> str:
-    """A cheap identity of a model's weights (file sizes and modification times), so cached
-    responses of a snapshot are dropped when its weights change (say, RL was rerun)."""
+def fingerprint(spec: str, samples: int = 16, block: int = 1 << 16) -> str:
+    """A cheap identity of a model's weights, so cached responses of a snapshot are dropped when
+    its weights change (say, RL was rerun) and kept when a run directory is copied or moved.
+
+    It hashes each weights file's size, its safetensors header and ``samples`` blocks of ``block``
+    bytes spread evenly through it, plus ``config.json``: no path and no modification time, and a
+    few MB read whatever the model's size. Training changes nearly every weight, so a sampled
+    block tells a retrained model apart.
+    """
+    import hashlib
+
     from constitutional.models import EMBEDDED
 
     path = Path(spec).expanduser()
     if spec in EMBEDDED or not path.is_dir():
         return f"spec:{spec}"
-    parts = []
+    digest = hashlib.sha256()
     for f in sorted(path.glob("*.safetensors")) + [path / "config.json"]:
-        if f.is_file():
-            st = f.stat()
-            parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
-    return ";".join(parts)
+        if not f.is_file():
+            continue
+        size = f.stat().st_size
+        digest.update(f"{f.name}:{size};".encode())
+        with f.open("rb") as fh:
+            # the safetensors header: an 8-byte length, then JSON of names, shapes and offsets
+            head = fh.read(8)
+            header = int.from_bytes(head, "little") + 8 if f.suffix == ".safetensors" and len(head) == 8 else size
+            offsets = [0] + [max(0, (size - block) * (i + 1) // samples) for i in range(samples)]
+            spans = [(0, min(header, size))] + [(o, block) for o in offsets]
+            for offset, length in spans:
+                fh.seek(offset)
+                digest.update(fh.read(length))
+    return f"sha256:{digest.hexdigest()}"
