@@ -140,7 +140,7 @@ class HFBackend:
         for batch_index, start in enumerate(range(0, len(order), self.batch_size)):
             rows = order[start:start + self.batch_size]
             batch, cache = self._batch_after_prefix([encoded[i] for i in rows], prefix, prefix_cache)
-            kwargs = {"past_key_values": cache} if cache is not None else {}
+            kwargs = {cache_keyword(self.model): cache} if cache is not None else {}
             if params.seed is not None:
                 torch.manual_seed(params.seed + batch_index)
             out = self.model.generate(**batch, **kwargs, generation_config=config)
@@ -208,7 +208,7 @@ class HFBackend:
         prefix = first[:n]
         out = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True,
                          logits_to_keep=1)
-        return prefix, out.past_key_values
+        return prefix, output_cache(out)
 
     def _batch_after_prefix(self, rows: list[list[int]], prefix: list[int], prefix_cache):
         """The padded batch, and a copy of the prefix's KV cache repeated for each row (or None)."""
@@ -280,7 +280,7 @@ class HFBackend:
             kwargs = {}
             if cache is not None:
                 mask = batch["attention_mask"]
-                kwargs = {"past_key_values": cache,
+                kwargs = {cache_keyword(self.model): cache,
                           "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)[:, len(prefix):]}
                 inputs = batch["input_ids"][:, len(prefix):]
             else:
@@ -386,14 +386,14 @@ class HFBackend:
                                            return_tensors="pt").to(self.device)
                 out = self.model(**heads, use_cache=True, logits_to_keep=1)
                 first = torch.log_softmax(out.logits[:, -1].float(), dim=-1).repeat_interleave(count, 0)
-                cache = out.past_key_values
+                cache = output_cache(out)
                 cache.batch_repeat_interleave(count)
                 tails = [t for i in rows for t in encoded[i][1]]
                 width = max(len(t) for t in tails)
                 tail_ids = torch.tensor([t + [pad] * (width - len(t)) for t in tails], device=self.device)
                 tail_mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in tails], device=self.device)
                 mask = torch.cat([heads["attention_mask"].repeat_interleave(count, 0), tail_mask], dim=1)
-                logits = self.model(input_ids=tail_ids, attention_mask=mask, past_key_values=cache,
+                logits = self.model(input_ids=tail_ids, attention_mask=mask, **{cache_keyword(self.model): cache},
                                     use_cache=False).logits  # (rows * count, width, vocab)
                 # token 0 is predicted by the head's last position, token c > 0 by tail position c - 1
                 rest = token_logprobs(logits[:, :-1], tail_ids[:, 1:])
@@ -415,6 +415,20 @@ def token_logprobs(logits, targets, rows_at_once: int = 4):
         out[start:start + rows_at_once] = torch.log_softmax(part, dim=-1).gather(
             -1, targets[start:start + rows_at_once].unsqueeze(-1)).squeeze(-1)
     return out
+
+
+def cache_keyword(model) -> str:
+    """The keyword a model's ``forward`` (and so ``generate``) takes a KV cache by: ``cache`` in
+    recent transformers, which deprecates the old ``past_key_values`` (removed from ``forward`` in
+    5.40), else ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache of a forward pass's output, under either transformers name."""
+    return out["cache"] if "cache" in out else out.past_key_values
 
 
 def _stop_token_ids(model, tokenizer) -> list[int]:
