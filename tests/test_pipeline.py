@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from constitutional import pipeline
 from constitutional.cli import main
 from constitutional.config import load_config
-from constitutional.pipeline import _decide, plan, stages_needed
+from constitutional.pipeline import _decide, packaged_data_digest, plan, stages_needed
 
 
 def tiny_overrides(model: Path) -> list[str]:
@@ -118,6 +119,24 @@ def test_a_changed_input_file_reruns_the_stage_that_reads_it(tmp_path, tiny_mode
     after = plan(load_config(None, overrides))
     assert after["critique_revise"]["key"] != before["critique_revise"]["key"]
     assert after["critique_revise"]["strict"] != before["critique_revise"]["strict"]
+
+
+def test_a_changed_builtin_constitution_reruns_every_stage(tmp_path, monkeypatch):
+    """A config names the built-in constitution only as "default": its packaged file still counts."""
+    import shutil
+    from importlib import resources
+
+    data = tmp_path / "data"
+    shutil.copytree(Path(str(resources.files("constitutional") / "data")), data)
+    monkeypatch.setattr(pipeline, "packaged_data_digest", lambda: packaged_data_digest(data))
+    config = load_config(None, ["constitution=default"])
+    before = plan(config)
+    assert plan(config) == before
+    default = data / "constitutions" / "default.yaml"
+    default.write_text(default.read_text().replace("I can't help with that, but", "I can't do that, but"))
+    after = plan(config)
+    assert all(after[s]["key"] != before[s]["key"] for s in before)
+    assert after["critique_revise"]["upstream"] != before["critique_revise"]["upstream"]  # restarted, not resumed
 
 
 def test_a_finished_stage_whose_directory_was_removed_runs_again(tiny_model_dir):

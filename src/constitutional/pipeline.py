@@ -3,7 +3,10 @@
 Each stage's **settings** are the config fields it reads (its own section, the seed, the
 constitution, the fields of other sections it uses) plus the content hash of every input file
 they name (constitution, prompt, few-shot and data files). A stage's **key** chains its settings
-with the key of the stage before it, so a change anywhere reaches every later stage:
+with the key of the stage before it, so a change anywhere reaches every later stage. The first
+stage's chain starts from the package version and a hash of the data shipped in the package (the
+built-in constitutions, prompt sets, few-shot and eval files, which a config names only by name), so
+an upgrade that changes any of them redoes the run:
 
 * a finished stage whose key is unchanged is skipped (a second ``cai run`` takes about a second);
 * a stage whose only changes are its "free" settings (``limit``, ``steps``, ``batch_size``,
@@ -101,6 +104,19 @@ def file_hashes(settings) -> dict[str, str]:
     return found
 
 
+def packaged_data_digest(root: Path | None = None) -> str:
+    """SHA-256 of every file under the package's ``data/`` folder (names and contents), or under ``root``."""
+    if root is None:
+        from importlib import resources
+
+        root = Path(str(resources.files("constitutional") / "data"))
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
 def _digest(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -113,7 +129,7 @@ def plan(config: PipelineConfig) -> dict[str, dict]:
 
     out = {}
     needed = stages_needed(config)
-    upstream = _digest({"version": __version__})
+    upstream = _digest({"version": __version__, "data": packaged_data_digest()})
     for stage in STAGES:
         settings = stage_settings(config, stage)
         module = importlib.import_module(STAGE_MODULES[stage][1])
