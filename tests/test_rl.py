@@ -233,6 +233,19 @@ def test_dpo_lowers_its_loss_on_a_synthetic_preference(tmp_path, tiny_model_dir,
     assert (tmp_path / "rl" / "checkpoints" / "step-6" / "config.json").is_file()
 
 
+def test_dpo_sft_weight_keeps_the_chosen_answers_likely(tmp_path, tiny_model_dir):
+    """With the NLL term on the chosen answers (RPO), their log-probability rises above the reference's."""
+    chosen = {}
+    for weight in (0.0, 1.0):
+        out = tmp_path / str(weight)
+        _write_preferences(out / "label" / "comparisons.jsonl")
+        config = rl_config(tiny_model_dir, algo="dpo", steps=8, prompts_per_step=4, learning_rate=3e-3,
+                           save_steps=8, eval_prompts=0, dpo_sft_weight=weight)
+        rl.run(config, out)
+        chosen[weight] = mean(r["chosen_reward"] for r in metric_rows(out)[-3:])
+    assert chosen[1.0] > 0 and chosen[1.0] > chosen[0.0] + 0.05
+
+
 def test_soft_dpo_fits_the_soft_label_instead_of_pushing_on():
     """The soft (EXO) loss is smallest where sigmoid(beta * margin) equals p_chosen."""
     import torch

@@ -399,6 +399,9 @@ class RlConfig:
     dpo_beta: dpo: beta, how far the policy may move from the reference per unit of preference.
     dpo_loss: dpo: ``soft`` fits sigmoid(beta * margin) to each row's p_chosen (TRL's EXO pair loss with a
         per-row label smoothing of 1 - p_chosen); ``hard`` is the usual DPO loss on chosen over rejected.
+    dpo_sft_weight: dpo: weight of a negative log-likelihood term on the chosen answers, added to the
+        preference loss (RPO, Pang et al. 2024): DPO alone can lower both answers of a pair, this keeps
+        the chosen ones likely (0: plain DPO).
     policy: model to start from and to stay close to (None: the run's sft/model).
     reward_model: the PM (None: the run's pm/model). Its scores are normalised with ``reward_mean``
         and ``reward_std`` from the metrics.json beside it (the run's pm/metrics.json).
@@ -441,6 +444,7 @@ class RlConfig:
     comparisons: str | None = None
     dpo_beta: float = 0.1
     dpo_loss: str = "soft"
+    dpo_sft_weight: float = 0.0
     policy: str | None = None
     reward_model: str | None = None
     prompts: str = "red-team"
@@ -479,6 +483,7 @@ class RlConfig:
         _require(self.reward in ("pm", "direct"), "rl.reward", "must be pm or direct")
         _require(self.dpo_beta > 0, "rl.dpo_beta", "must be more than 0")
         _require(self.dpo_loss in ("soft", "hard"), "rl.dpo_loss", "must be soft or hard")
+        _require(self.dpo_sft_weight >= 0, "rl.dpo_sft_weight", "must be 0 or more")
         _require(self.kl_coef >= 0, "rl.kl_coef", "must be 0 or more")
         _require(self.limit is None or self.limit >= 1, "rl.limit", "must be at least 1")
         _require(0 <= self.helpful_share < 1, "rl.helpful_share", "must be in [0, 1)")

@@ -22,7 +22,9 @@ Algorithms (``rl.algo``):
   ``DPOTrainer``, the reference being the starting policy. No reward model and no sampling. With
   ``dpo_loss: soft`` each row's soft label is the target: TRL's EXO pair loss with a per-row label
   smoothing of 1 - p_chosen, whose minimum is at sigmoid(beta * margin) = p_chosen; ``hard`` is
-  the usual loss on chosen over rejected.
+  the usual loss on chosen over rejected. ``dpo_sft_weight`` adds a negative log-likelihood term
+  on the chosen answers (RPO, Pang et al. 2024; TRL's ``sft`` loss type), so that training does not
+  lower the chosen answers together with the rejected ones.
 
 Run:
     cai rl --config configs/smollm2-cpu.yaml --out runs/demo
@@ -535,7 +537,7 @@ def _run_dpo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, comparisons:
         output_dir=str(trainer_dir), max_steps=cfg.steps, learning_rate=cfg.learning_rate,
         lr_scheduler_type="constant", warmup_steps=0, per_device_train_batch_size=micro,
         gradient_accumulation_steps=cfg.prompts_per_step // micro,
-        beta=cfg.dpo_beta, loss_type=["exo_pair" if cfg.dpo_loss == "soft" else "sigmoid"],
+        beta=cfg.dpo_beta, **dpo_losses(cfg.dpo_loss, cfg.dpo_sft_weight),
         max_grad_norm=cfg.max_grad_norm, logging_steps=1, save_steps=cfg.save_steps, save_total_limit=1,
         report_to="none", use_cpu=device == "cpu", bf16=False, fp16=False, seed=seed, dataloader_num_workers=0,
         gradient_checkpointing=False, max_length=1024, disable_tqdm=True,
@@ -558,6 +560,20 @@ def _run_dpo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, comparisons:
     if cfg.lora:
         final = final.merge_and_unload()
     return final, (done or None)
+
+
+def dpo_losses(loss: str, sft_weight: float) -> dict:
+    """TRL's ``loss_type`` and ``loss_weights`` for ``rl.dpo_loss`` and ``rl.dpo_sft_weight``.
+
+    >>> dpo_losses("soft", 0.0)
+    {'loss_type': ['exo_pair'], 'loss_weights': None}
+    >>> dpo_losses("hard", 0.5)
+    {'loss_type': ['sigmoid', 'sft'], 'loss_weights': [1.0, 0.5]}
+    """
+    preference = "exo_pair" if loss == "soft" else "sigmoid"
+    if sft_weight > 0:
+        return {"loss_type": [preference, "sft"], "loss_weights": [1.0, sft_weight]}
+    return {"loss_type": [preference], "loss_weights": None}
 
 
 def _soft_dpo_trainer_class():
