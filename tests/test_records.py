@@ -34,3 +34,19 @@ def test_bad_line_in_the_middle_names_the_line(tmp_path):
     path.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
     with pytest.raises(CaiError, match="line 2"):
         read_jsonl(path)
+
+
+def test_resume_settings_follow_a_copied_run_directory(tmp_path):
+    """A stage's recorded paths inside its run directory still match after the directory is copied;
+    another model does not."""
+    import shutil
+
+    from constitutional.records import check_resume_settings
+
+    first = tmp_path / "a"
+    check_resume_settings(first / "rl", {"policy": str(first / "sft" / "model"), "steps": 8}, free={"steps"})
+    second = tmp_path / "b"
+    shutil.copytree(first, second)
+    check_resume_settings(second / "rl", {"policy": str(second / "sft" / "model"), "steps": 12}, free={"steps"})
+    with pytest.raises(CaiError, match=r"other settings \(policy\)"):
+        check_resume_settings(second / "rl", {"policy": str(first / "sft" / "model")})

@@ -161,6 +161,19 @@ def _cut_torn_tail(path: Path) -> int:
     return len(data) - keep
 
 
+def portable_path(spec: str, out_dir: str | Path) -> str:
+    """A model spec or file as a run directory's records keep it: a path inside the run directory is
+    made relative to it, so a copied or moved run still matches what it recorded.
+
+    >>> portable_path("/runs/a/sft/model", "/runs/a"), portable_path("smollm2-135m-instruct", "/runs/a")
+    ('sft/model', 'smollm2-135m-instruct')
+    """
+    try:
+        return Path(spec).relative_to(out_dir).as_posix()
+    except ValueError:
+        return spec
+
+
 def check_resume_settings(stage_dir: str | Path, settings: dict, free: set[str] = frozenset()) -> None:
     """Refuse to resume a stage whose existing output was made with other settings.
 
@@ -168,16 +181,25 @@ def check_resume_settings(stage_dir: str | Path, settings: dict, free: set[str] 
     constitution); keys in ``free`` may change between runs (``limit``, ``batch_size``, ...).
     The first run records them in ``settings.json``; a later run with different values stops
     with an error naming the keys, instead of mixing outputs of two configs in one file.
+    Paths inside the run directory are compared relative to it (``portable_path``), so a
+    copied or moved run directory resumes.
     """
     path = Path(stage_dir) / "settings.json"
-    current = {k: v for k, v in settings.items() if k not in free}
+    run_dir = Path(stage_dir).parent
+
+    def portable(values: dict) -> dict:
+        return {k: portable_path(v, run_dir) if isinstance(v, str) else v for k, v in values.items()}
+
+    current = portable({k: v for k, v in settings.items() if k not in free})
     if path.exists():
         try:
             before = json.loads(path.read_text())
         except json.JSONDecodeError:
             before = None
-        if isinstance(before, dict) and before != current:
-            changed = sorted(k for k in set(before) | set(current) if before.get(k) != current.get(k))
-            raise CaiError(f"{stage_dir}: existing output was made with other settings ({', '.join(changed)}); "
-                           f"use another --out, or delete {stage_dir} to start the stage again")
+        if isinstance(before, dict):
+            before = portable(before)  # settings written before paths were recorded relative
+            if before != current:
+                changed = sorted(k for k in set(before) | set(current) if before.get(k) != current.get(k))
+                raise CaiError(f"{stage_dir}: existing output was made with other settings ({', '.join(changed)}); "
+                               f"use another --out, or delete {stage_dir} to start the stage again")
     write_json(path, current)

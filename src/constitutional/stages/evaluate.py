@@ -66,7 +66,7 @@ from constitutional.datasets import PromptRow, load_prompts
 from constitutional.errors import CaiError
 from constitutional.evaluation.snapshots import Snapshot, fingerprint, resolve_snapshots
 from constitutional.models import check_model_spec
-from constitutional.records import JsonlAppender, check_resume_settings, read_jsonl, write_json
+from constitutional.records import JsonlAppender, check_resume_settings, portable_path, read_jsonl, write_json
 
 STAGE_DIR = "evaluate"
 # settings that may change between runs into the same directory: cached responses and scores are reused
@@ -144,8 +144,8 @@ def run(config: PipelineConfig, out_dir: str | Path, backend_factory: BackendFac
     principles = {(kind, p.id): sample_principles(pools[kind], 1, config.seed, f"evaluate:{p.id}")[0]
                   for kind in KINDS for p in prompts[kind]}
     contrast = feedback.ContrastSettings.of(config.label)
-    scorer_settings = {"judge": _portable(judge_spec, out_dir), "contrast": asdict(contrast),
-                       "pm": _portable(str(pm_dir), out_dir),
+    scorer_settings = {"judge": portable_path(judge_spec, out_dir), "contrast": asdict(contrast),
+                       "pm": portable_path(str(pm_dir), out_dir),
                        "constitution": config.constitution, "seed": config.seed,
                        "second_opinion": cfg.second_opinion and {"tokens": REFUSAL_TOKENS}}
     missing = _missing_scores(scores_path, stage_dir, responses, scorer_settings)
@@ -271,7 +271,7 @@ def _drop_changed_snapshots(stage_dir: Path, snapshots: list[Snapshot], files: l
     """Forget the cached rows of snapshots whose weights changed since they were made."""
     path = stage_dir / "snapshots.json"
     before = json.loads(path.read_text()) if path.is_file() else {}
-    now = {s.name: {"spec": _portable(s.spec, stage_dir.parent), "fingerprint": fingerprint(s.spec)}
+    now = {s.name: {"spec": portable_path(s.spec, stage_dir.parent), "fingerprint": fingerprint(s.spec)}
            for s in snapshots}
     changed = {name for name, entry in now.items() if name in before and before[name] != entry}
     if changed:
@@ -279,19 +279,6 @@ def _drop_changed_snapshots(stage_dir: Path, snapshots: list[Snapshot], files: l
         for f in files:
             _rewrite_without(f, lambda row: row["id"].split("|", 1)[0] in changed)
     write_json(path, {**{k: v for k, v in before.items() if k not in now}, **now})
-
-
-def _portable(spec: str, out_dir: Path) -> str:
-    """A model spec as the run directory's cache files record it: a path inside the run directory is
-    made relative to it, so a copied or moved run keeps its cached responses and scores.
-
-    >>> _portable("/runs/a/sft/model", Path("/runs/a")), _portable("smollm2-135m-instruct", Path("/runs/a"))
-    ('sft/model', 'smollm2-135m-instruct')
-    """
-    try:
-        return Path(spec).relative_to(out_dir).as_posix()
-    except ValueError:
-        return spec
 
 
 def _rewrite_without(path: Path, drop) -> None:
