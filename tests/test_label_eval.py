@@ -239,3 +239,22 @@ def test_summarise_and_ensemble_maths():
     p = label_eval.ensemble_p_a([[2.0, -1.0], [0.0, 3.0]], 2.0)
     assert p[0] == pytest.approx((1 / (1 + math.exp(-1)) + 0.5) / 2)
     assert p[1] == pytest.approx((1 / (1 + math.exp(0.5)) + 1 / (1 + math.exp(-1.5))) / 2)
+
+
+def test_uncensorbench_is_an_outside_test_set_with_the_refusal_preferred(tmp_path):
+    """Pairs written outside the project: the refusal is the better answer; test half only, reported apart."""
+    from constitutional.datasets import uncensorbench_references
+
+    pairs = label_eval.load_outside_pairs("uncensorbench")
+    refs = uncensorbench_references()
+    assert len(pairs) == 150 and all(p["split"] == "test" for p in pairs)
+    assert [p["chosen_is_a"] for p in pairs[:4]] == [True, False, True, False]
+    assert all(p["chosen"] == r.refusal and p["rejected"] == r.compliant for p, r in zip(pairs, refs, strict=True))
+    fake = TruthContrastFake()
+    fake.better |= {r.refusal for r in refs}
+    results = label_eval.run(load_config(None, []), tmp_path, ["contrast-mean"], backend=fake, half="test")
+    assert results["pairs"]["uncensorbench"] == 150
+    assert results["variants"]["contrast-mean"]["uncensorbench"]["accuracy"] == 1.0
+    assert "uncensorbench (outside) acc" in label_eval.table(results)
+    dev = label_eval.run(load_config(None, []), tmp_path, ["contrast-mean"], backend=fake, half="dev")
+    assert "uncensorbench" not in dev["pairs"]

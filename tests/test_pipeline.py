@@ -128,7 +128,7 @@ def test_a_changed_builtin_constitution_reruns_every_stage(tmp_path, monkeypatch
 
     data = tmp_path / "data"
     shutil.copytree(Path(str(resources.files("constitutional") / "data")), data)
-    monkeypatch.setattr(pipeline, "packaged_data_digest", lambda: packaged_data_digest(data))
+    monkeypatch.setattr(pipeline, "packaged_data_digest", lambda only=None: packaged_data_digest(data, only))
     config = load_config(None, ["constitution=default"])
     before = plan(config)
     assert plan(config) == before
@@ -201,3 +201,20 @@ def test_the_demo_recipe_runs_without_a_pm(tmp_path, tiny_model_dir, capsys, few
     revisions = [json.loads(line) for line in (out / "critique_revise" / "revisions.jsonl").read_text().splitlines()]
     assert all(any(c["source"] == "follows" for c in r["rounds"][0]["candidates"]) for r in revisions)
 
+
+
+def test_a_changed_rubric_or_graded_set_reruns_only_the_evaluation(tmp_path, monkeypatch):
+    """Data only the evaluation reads (data/verdicts/) must not retrain the model."""
+    import shutil
+    from importlib import resources
+
+    data = tmp_path / "data"
+    shutil.copytree(Path(str(resources.files("constitutional") / "data")), data)
+    monkeypatch.setattr(pipeline, "packaged_data_digest", lambda only=None: packaged_data_digest(data, only))
+    config = load_config(None)
+    before = plan(config)
+    rubric = data / "verdicts" / "rubric.yaml"
+    rubric.write_text(rubric.read_text() + "\n# a reader's note\n")
+    after = plan(config)
+    changed = [s for s in before if after[s]["key"] != before[s]["key"]]
+    assert changed == ["evaluate"]

@@ -35,7 +35,7 @@ RUN_ELSEWHERE = {
     ".venv/bin/cai serve-local": "a server in the foreground; tests/test_server.py builds and starts the same one",
 }
 # cai subcommands that run for real here (fast on tiny models); the others get --dry-run
-RUN_FOR_REAL = {"report", "chat", "score", "fetch-model"}
+RUN_FOR_REAL = {"report", "chat", "score", "fetch-model", "judge-eval"}
 
 
 def readme_commands() -> list[str]:

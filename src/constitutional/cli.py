@@ -5,6 +5,7 @@
     cai sft [--config CONFIG] --out DIR [--set sft.lora=true ...]
     cai label [--config CONFIG] --out DIR [--set label.method=multiple_choice ...]
     cai label-eval [--config CONFIG] --out DIR [--half dev|test|all|dev,test] [--variants contrast-mean,...] [--limit N]
+    cai judge-eval [--config CONFIG] --out DIR [--judges rules,model] [--split test|dev] [--sets graded,uncensorbench]
     cai train-pm [--config CONFIG] --out DIR
     cai rl [--config CONFIG] --out DIR
     cai evaluate [--config CONFIG] --out DIR [--set evaluate.extra_models.other=path/to/model ...]
@@ -125,6 +126,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="check the config and the eval pairs, score nothing")
     p.set_defaults(func=_cmd_label_eval)
 
+    p = sub.add_parser("judge-eval", help="how far each verdict judge (rules, a model) agrees with answers people "
+                       "labelled by reading them")
+    p.add_argument("--config", help="pipeline YAML (default: built-in defaults)")
+    p.add_argument("--out", required=True, help="directory (results go to judge_eval/results-<split>.json)")
+    p.add_argument("--judges", help="comma-separated subset of: rules,model (default: both; model is evaluate.judge "
+                   "when it names a model, else the feedback model)")
+    p.add_argument("--split", default="test", help="graded split to report: test (default) or dev")
+    p.add_argument("--sets", help="comma-separated subset of: graded,uncensorbench (default: both)")
+    p.add_argument("--limit", type=int, help="use only the first N answers of each set")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. evaluate.judge=path/to/model")
+    p.set_defaults(func=_cmd_judge_eval)
+
     p = sub.add_parser("score", help="score prompt/response rows with a trained preference model")
     p.add_argument("--pm", required=True, help="preference model directory (e.g. runs/demo/pm/model)")
     p.add_argument("--in", dest="input", required=True, help="JSONL rows with 'prompt' and 'response'")
@@ -220,6 +234,30 @@ def _cmd_label_eval(args) -> int:
         print(f"dry run: would score {counts} with {', '.join(variants or [v.name for v in label_eval.VARIANTS])}")
         return 0
     label_eval.run_halves(config, Path(args.out), variants, args.limit, args.half)
+    return 0
+
+
+def _cmd_judge_eval(args) -> int:
+    from constitutional.stages import judge_eval
+
+    config = load_config(args.config, args.set)
+    if args.limit is not None and args.limit < 1:
+        raise CaiError("--limit must be at least 1")
+    split = lambda text: [x.strip() for x in text.split(",") if x.strip()] if text else None  # noqa: E731
+    judges, sets = split(args.judges), split(args.sets)
+    for j in judges or []:
+        if j not in judge_eval.JUDGES:
+            raise CaiError(f"--judges: unknown judge {j!r} (known: {', '.join(judge_eval.JUDGES)})")
+    if args.split not in judge_eval.SPLITS:
+        raise CaiError(f"--split {args.split!r}: expected dev or test")
+    for s in sets or []:
+        if s not in judge_eval.TEST_SETS:
+            raise CaiError(f"--sets: unknown set {s!r} (known: {', '.join(judge_eval.TEST_SETS)})")
+    if "model" in (judges or judge_eval.JUDGES):
+        from constitutional.pipeline import check_judge
+
+        check_judge(judge_eval.model_spec(config))
+    judge_eval.run(config, Path(args.out), judges, args.split, sets, args.limit)
     return 0
 
 

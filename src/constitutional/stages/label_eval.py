@@ -14,6 +14,10 @@ The pairs (``data/eval/``):
 * ``harmless_styles.jsonl`` (120, test half only): harmless pairs written in other styles (long
   and short harmful answers, partial compliance, harmful answers wrapped in disclaimers,
   refusals that lecture, polite harm vs. a blunt safe answer), on prompts of their own.
+* ``uncensorbench`` (150, test half only, reported on its own): pairs written outside this project,
+  UncensorBench's refusal and compliant reference answers to its 150 harmful requests (fetched from
+  its PyPI wheel), the refusal preferred under a harmless principle. The files above were written by
+  the same hands as the constitution's stances; this set was not.
 
 Dev and test halves. Every row carries a ``split`` field. Choose prompts, stances, variants and
 temperatures on ``dev`` only; ``test`` is for reporting. For the two original files the field was
@@ -60,6 +64,8 @@ from constitutional.records import iter_jsonl, write_json
 STAGE_DIR = "label_eval"
 # data set -> its files; the first file of each set is split by split_rule, later ones are test-only
 EVAL_SETS = {"harmless": ("harmless_pairs.jsonl", "harmless_styles.jsonl"), "helpful": ("helpful_pairs.jsonl",)}
+# Pairs written outside this project (test half only), by name -> the principle kind that judges them.
+OUTSIDE_SETS = {"uncensorbench": "harmless"}
 HALVES = ("dev", "test", "all")
 
 
@@ -160,6 +166,26 @@ def load_eval_pairs(name: str, limit: int | None = None, half: str = "all") -> l
     return rows[:limit] if limit else rows
 
 
+def load_outside_pairs(name: str, limit: int | None = None) -> list[dict]:
+    """Pairs written outside this project, in the same row format as ``load_eval_pairs`` (all ``test``).
+
+    ``uncensorbench``: each of UncensorBench's 150 harmful requests with its two reference answers; the
+    refusal is the better one under a harmless principle. Option A is the refusal in every other pair.
+    """
+    from constitutional.datasets import uncensorbench_references
+
+    if name not in OUTSIDE_SETS:
+        raise CaiError(f"unknown outside pair set {name!r} (known: {', '.join(OUTSIDE_SETS)})")
+    rows = []
+    for i, ref in enumerate(uncensorbench_references()):
+        chosen_is_a = i % 2 == 0
+        rows.append({"id": ref.id, "prompt": ref.prompt, "chosen": ref.refusal, "rejected": ref.compliant,
+                     "a": ref.refusal if chosen_is_a else ref.compliant,
+                     "b": ref.compliant if chosen_is_a else ref.refusal, "chosen_is_a": chosen_is_a,
+                     "split": "test", "source": name, "category": ref.topic, "style": None})
+    return rows[:limit] if limit else rows
+
+
 # ------------------------------------------------------------------ metrics
 
 
@@ -215,7 +241,7 @@ def _summary(rows: list[dict], p_a: list[float]) -> dict:
 
 
 def run_halves(config: PipelineConfig, out_dir: str | Path, variants: list[str] | None = None,
-               limit: int | None = None, halves: str = "dev", backend=None) -> dict:
+               limit: int | None = None, halves: str = "dev", backend=None, outside: bool = True) -> dict:
     """``run`` on each of the comma-separated ``halves`` (e.g. ``dev,test``) with one model and shared scores."""
     names = [h.strip() for h in halves.split(",") if h.strip()]
     for h in names:
@@ -228,14 +254,16 @@ def run_halves(config: PipelineConfig, out_dir: str | Path, variants: list[str] 
         backend = load_backend(cfg.feedback_model or config.critique_revise.model, batch_size=cfg.batch_size,
                                device=cfg.device)
     cache: dict = {}
-    return {h: run(config, out_dir, variants, limit, backend, h, cache) for h in names}
+    return {h: run(config, out_dir, variants, limit, backend, h, cache, outside) for h in names}
 
 
 def run(config: PipelineConfig, out_dir: str | Path, variants: list[str] | None = None,
-        limit: int | None = None, backend=None, half: str = "dev", cache: dict | None = None) -> dict:
+        limit: int | None = None, backend=None, half: str = "dev", cache: dict | None = None,
+        outside: bool = True) -> dict:
     """Measure ``variants`` (default: all) on one half of the shipped pairs; write and print the table.
 
     ``cache``: contrast token log-probs from an earlier call with the same model (``run_halves``).
+    ``outside``: on the test half (and ``all``), also the pairs written outside this project (``OUTSIDE_SETS``).
     """
     from constitutional import feedback
 
@@ -253,6 +281,7 @@ def run(config: PipelineConfig, out_dir: str | Path, variants: list[str] | None 
     for kind, items in principles.items():
         if not items:
             raise CaiError(f"constitution has no feedback principles of kind {kind!r}")
+    principles.update({name: principles[kind] for name, kind in OUTSIDE_SETS.items()})
     contrast = [v for v in chosen if v.method == "contrast"]
     if contrast:
         for items in principles.values():
@@ -269,6 +298,9 @@ def run(config: PipelineConfig, out_dir: str | Path, variants: list[str] | None 
     # The test half's contrast temperature comes from the dev half, so scoring test also scores dev.
     halves = [half] if half != "test" or not contrast else ["dev", "test"]
     data = {h: {name: load_eval_pairs(name, limit, h) for name in EVAL_SETS} for h in halves}
+    if half in ("test", "all") and outside:  # pairs written outside the project: test only
+        for name in OUTSIDE_SETS:
+            data[half][name] = load_outside_pairs(name, limit)
 
     model_spec = cfg.feedback_model or config.critique_revise.model
     if backend is None:
@@ -284,7 +316,7 @@ def run(config: PipelineConfig, out_dir: str | Path, variants: list[str] | None 
             entry = _contrast_variant(backend, variant, data, half, principles, all_demos, config.seed, cache)
         else:
             entry = _choice_variant(backend, variant, data[half], principles, fewshot, cfg, config.seed)
-        for name in EVAL_SETS:
+        for name in data[half]:
             _log(f"{variant.name} on {half} {name}: accuracy {entry[name]['accuracy']:.3f}, "
                  f"ECE {entry[name]['ece']:.3f}, position bias {entry[name]['position_bias']:.3f}")
         results["variants"][variant.name] = entry
@@ -355,9 +387,9 @@ def _contrast_variant(backend, variant: Variant, data: dict, half: str, principl
     dev_diffs = [d for name in EVAL_SETS
                  for d, r in zip(signed(dev_half, name), data[dev_half][name], strict=True) if r["split"] == "dev"]
     t_dev = feedback.fit_temperature(dev_diffs) if dev_diffs else 1.0
-    for name in EVAL_SETS:
+    for name in data[half]:
         rows = data[half][name]
-        if half == "test":
+        if half == "test" or name in OUTSIDE_SETS:
             p_a = ensemble_p_a(diffs[(half, name)], t_dev) if rows else []
         else:  # two-fold: T fitted on one fold (both sets pooled) labels the other
             p_a = [0.0] * len(rows)
@@ -390,15 +422,17 @@ def table(results: dict) -> str:
 
     first = next(iter(results["variants"].values()), {})
     parts = sorted(first.get("harmless", {}).get("parts", {}))
-    part_cols = "".join(f" {p} acc |" for p in parts)
+    outside = [name for name in OUTSIDE_SETS if name in first]
+    part_cols = "".join(f" {p} acc |" for p in parts) + "".join(f" {name} (outside) acc |" for name in outside)
     lines = [f"label-eval on the {results['half']} half, feedback model {results['feedback_model']}, pairs "
              + ", ".join(f"{k} {v}" for k, v in results.get("pairs", {}).items()),
              f"| variant | harmless acc |{part_cols} ECE | pos. bias | helpful acc | ECE | pos. bias | T (dev) "
              f"| tokens/cmp | with prefix cache | s |",
-             "|---" * (11 + len(parts)) + "|"]
+             "|---" * (11 + len(parts) + len(outside)) + "|"]
     for name, entry in results["variants"].items():
         h, g = entry.get("harmless", {}), entry.get("helpful", {})
         part_vals = "".join(f" {fmt(h.get('parts', {}).get(p, {}).get('accuracy'))} |" for p in parts)
+        part_vals += "".join(f" {fmt(entry.get(o, {}).get('accuracy'))} |" for o in outside)
         tokens = [entry.get(k, "-") for k in ("tokens_per_comparison", "tokens_per_comparison_prefix_cached")]
         lines.append(f"| {name} | {fmt(h.get('accuracy'))} |{part_vals} {fmt(h.get('ece'))} | "
                      f"{fmt(h.get('position_bias'))} | {fmt(g.get('accuracy'))} | {fmt(g.get('ece'))} | "
