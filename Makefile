@@ -28,11 +28,11 @@ browser:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 test: setup browser
-	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff check src tests bench tools
 	CAI_REQUIRE_BROWSER=1 $(PY) -m pytest
 
 lint: setup
-	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff check src tests bench tools
 
 test-fast: setup
 	$(PY) -m pytest -m "not integration"

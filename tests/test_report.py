@@ -47,13 +47,25 @@ def hand_made_run(root: Path) -> Path:
             responses.append({"id": f"{snap}|greedy|{pid}", "snapshot": snap, "decoding": "greedy", "kind": kind,
                               "prompt_id": pid, "prompt": prompt, "response": f"{snap} says {PLANTED}", "tokens": 4})
     write_jsonl(root / "evaluate" / "responses.jsonl", responses)
+    write_jsonl(root / "evaluate" / "verdicts.jsonl", [
+        {"id": r["id"], "judge": "rules", "harmful": r["kind"] == "red-team" or None, "declines": False,
+         "explains": False if r["kind"] == "red-team" else None, "coherent": True,
+         "helpful": True if r["kind"] == "helpful" else None, "reasons": [PLANTED]} for r in responses])
     cell = [0.5, 0.25, 0.75]
-    effect = {"base": "base", "decodings": ["greedy"], "prompts": {"red-team": 1, "helpful": 1}, "warnings": [],
-              "rows": [{"snapshot": s, "decoding": "greedy",
-                        "red_team": {"n": 1, "refusal": cell, "second": cell, "degenerate": cell, "pm": None,
-                                     "contrast": cell, "tokens": 4.0},
-                        "helpful": {"n": 1, "refusal": cell, "second": cell, "degenerate": cell, "pm": None,
-                                    "contrast": cell, "tokens": 4.0}} for s in ("base", "sl-cai", "rl-cai")],
+    red = {"n": 1, "harmless_coherent": cell, "declines_explains": cell, "harmful": cell, "refusal": cell,
+           "second": cell, "degenerate": cell, "pm": None, "contrast": cell, "tokens": 4.0}
+    helpful = {"n": 1, "helpful_coherent": cell, "declines": cell, "refusal": cell, "second": cell,
+               "degenerate": cell, "pm": None, "contrast": cell, "tokens": 4.0}
+    effect = {"base": "base", "decodings": ["greedy"], "prompts": {"red-team": 1, "helpful": 1, "jailbreak": 1},
+              "warnings": [], "judge": {"name": PLANTED},
+              "sets": {"red_team": {"name": "red-team", "kind": "red-team", "prompts": 1},
+                       "helpful": {"name": "helpful", "kind": "helpful", "prompts": 1},
+                       "jailbreak": {"name": f"jailbreak {PLANTED}", "kind": "red-team", "prompts": 1}},
+              "examples": [{"snapshot": "rl-cai", "case": "harmful", "set": "red-team", "prompt": PLANTED,
+                            "response": PLANTED, "verdict": {"harmful": True, "coherent": True,
+                                                             "reasons": [PLANTED]}}],
+              "rows": [{"snapshot": s, "decoding": "greedy", "red_team": red, "helpful": helpful, "jailbreak": red}
+                       for s in ("base", "sl-cai", "rl-cai")],
               "second_opinion": {"threshold": 0.1, "examples": 90, "accuracy_cross_fitted": 0.8},
               "disagreements": [{"snapshot": "base", "kind": "red-team", "prompt": PLANTED, "response": PLANTED,
                                  "detector": "answer", "detector_rule": None, "second_opinion": "declines",
@@ -76,8 +88,17 @@ def test_planted_script_tags_are_escaped_everywhere(tmp_path):
     html = build_report(hand_made_run(tmp_path))
     assert "<script" not in html.lower()
     # the planted text shows, escaped, in a prompt, a model answer, a revision and a labelled comparison
-    assert html.count("&lt;script&gt;alert(&#x27;pwned&#x27;)&lt;/script&gt;") >= 5
+    assert html.count("&lt;script&gt;alert(&#x27;pwned&#x27;)&lt;/script&gt;") >= 10
     assert "rl-cai says &lt;script&gt;" in html
+
+
+def test_the_effect_section_shows_the_headline_and_verbatim_examples_of_each_verdict(tmp_path):
+    html = build_report(hand_made_run(tmp_path))
+    for header in ("harmless &amp; coherent (red-team)", "declines &amp; explains", "helpful &amp; coherent (helpful)",
+                   "refusal by opening (red-team)", "What the answers say"):
+        assert header in html
+    assert "50% [25, 75]" in html and "jailbreak" in html
+    assert "<span class='tag bad'>harmful</span>" in html and "<span class='tag good'>coherent</span>" in html
 
 
 def test_report_is_self_contained_with_plots_and_sections(tmp_path):

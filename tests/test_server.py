@@ -170,6 +170,25 @@ def test_contrast_scores_from_vllm_match_in_process_on_the_shipped_eval_pairs(vl
     assert worst_score <= 0.05
 
 
+def test_the_verdict_judge_through_vllm_reads_what_the_in_process_judge_reads(vllm, tmp_path):
+    """evaluate.judge as a vLLM server: P(yes) per rubric field equals the in-process model's, and judge-eval runs."""
+    from constitutional.backends import load_backend
+    from constitutional.evaluation.graded import load_graded
+    from constitutional.evaluation.judges import ModelJudge
+
+    answers = load_graded("test")[:6]
+    items = [(a.prompt, a.response, a.kind) for a in answers]
+    local = ModelJudge(load_backend(NAME, batch_size=8, device="cpu"), NAME).probabilities(items)
+    served = ModelJudge(load_backend(json.loads(vllm.spec())), NAME).probabilities(items)
+    for a, b in zip(local, served, strict=True):
+        assert set(a) == set(b)
+        assert all(abs(a[f] - b[f]) < 0.02 for f in a)
+    assert main(["judge-eval", "--out", str(tmp_path), "--judges", "model", "--sets", "graded", "--limit", "8",
+                 "--set", f"evaluate.judge={vllm.spec()}"]) == 0
+    results = json.loads((tmp_path / "judge_eval" / "results-test.json").read_text())
+    assert results["judges"]["model"]["model"] == NAME and results["judges"]["model"]["graded"]["fields"]
+
+
 def test_stage_survives_the_server_being_killed_and_restarted(vllm, tmp_path):
     """Kill -9 the server mid-stage, start it again on the same port: exactly one row per prompt."""
     out = tmp_path / "run"
