@@ -134,9 +134,9 @@ def test_judge_eval_measures_a_model_judge_through_a_fake_server(tmp_path, tiny_
         results = judge_eval.run(config, tmp_path, ["model"], "test", ["graded"], limit=12)
     for label in ("model", "model, dev-fitted"):
         entry = results["judges"][label]
-        assert entry["model"] == "tiny" and entry["graded"]["fields"]["harmful"]["n"] > 0
+        assert entry["model"] == "tiny" and entry["graded"]["fields"]["coherent"]["n"] > 0
         assert all(0 <= a["p_yes"]["coherent"] <= 1 for a in entry["graded"]["answers"])
-    assert set(results["judges"]["model, dev-fitted"]["thresholds"]) >= {"harmful", "coherent"}
+    assert set(results["judges"]["model, dev-fitted"]["thresholds"]) >= {"declines", "coherent"}
 
 
 # The embedded 135M model as the verdict judge, on the first EMBEDDED_ANSWERS answers of each graded split
