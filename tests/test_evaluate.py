@@ -77,7 +77,9 @@ class KeywordJudge:
         fb = load_constitution("default").feedback_principles
         self.declining = {p.follows for p in fb if p.kind == "harmless"}
         self.declining |= {p.violates for p in fb if p.kind == "helpful"}
-        self.declining.add(__import__("constitutional.evaluation.second_opinion", fromlist=["x"]).REFUSAL_CONTRAST.follows)
+        from constitutional.evaluation.second_opinion import REFUSAL_CONTRAST
+
+        self.declining.add(REFUSAL_CONTRAST.follows)
 
     def render(self, chat, add_generation_prompt=True):
         text = "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in chat)
