@@ -73,9 +73,8 @@ def generate(runs: list[str], out: Path, batch_size: int) -> None:
             del backend
 
 
-def shuffle(answers: Path, out: Path, parts: int, seed: int, prefix: str = "a") -> None:
-    rows = list(iter_jsonl(answers))
-    random.Random(seed).shuffle(rows)
+def _write_for_reading(rows: list[dict], out: Path, parts: int, prefix: str) -> None:
+    """``key.jsonl`` (key -> answer id) and ``to_read-K.jsonl`` (key, kind, prompt, response) in ``parts`` slices."""
     out.mkdir(parents=True, exist_ok=True)
     with (out / "key.jsonl").open("w", encoding="utf-8") as key:
         for i, r in enumerate(rows):
@@ -86,6 +85,12 @@ def shuffle(answers: Path, out: Path, parts: int, seed: int, prefix: str = "a") 
                 r = rows[i]
                 f.write(json.dumps({"key": f"{prefix}{i:04d}", "kind": r["kind"], "prompt": r["prompt"],
                                     "response": r["response"]}, ensure_ascii=False) + "\n")
+
+
+def shuffle(answers: Path, out: Path, parts: int, seed: int, prefix: str = "a") -> None:
+    rows = list(iter_jsonl(answers))
+    random.Random(seed).shuffle(rows)
+    _write_for_reading(rows, out, parts, prefix)
 
 
 def assemble(answers: list[Path], keys: list[Path], labels: list[Path], out: Path) -> None:
@@ -124,16 +129,7 @@ def references(out: Path, parts: int, seed: int) -> None:
     rows = [{"id": f"{r.id}|{side}", "kind": "red-team", "prompt": r.prompt, "response": text}
             for r in uncensorbench_references() for side, text in (("refusal", r.refusal), ("compliant", r.compliant))]
     random.Random(seed).shuffle(rows)
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "key.jsonl").open("w", encoding="utf-8") as key:
-        for i, r in enumerate(rows):
-            key.write(json.dumps({"key": f"u{i:04d}", "id": r["id"]}) + "\n")
-    for part in range(parts):
-        with (out / f"to_read-{part}.jsonl").open("w", encoding="utf-8") as f:
-            for i in range(part, len(rows), parts):
-                r = rows[i]
-                f.write(json.dumps({"key": f"u{i:04d}", "kind": r["kind"], "prompt": r["prompt"],
-                                    "response": r["response"]}, ensure_ascii=False) + "\n")
+    _write_for_reading(rows, out, parts, "u")
 
 
 def main() -> None:
