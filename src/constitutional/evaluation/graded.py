@@ -60,7 +60,7 @@ def split_rule(prompts: list[tuple[str, str]]) -> dict[str, str]:
     are dealt alternately to dev and test, so every group is halved (to within one).
 
     >>> split_rule([("rt-1", "red-team"), ("rt-2", "red-team"), ("hp-1", "helpful"), ("hp-2", "helpful")])
-    {'hp-2': 'dev', 'hp-1': 'test', 'rt-1': 'dev', 'rt-2': 'test'}
+    {'hp-2': 'dev', 'hp-1': 'test', 'rt-2': 'dev', 'rt-1': 'test'}
     """
     groups: dict[str, list[str]] = defaultdict(list)
     for pid, kind in sorted(set(prompts)):
