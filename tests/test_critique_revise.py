@@ -131,6 +131,7 @@ def test_rerun_with_other_settings_is_refused_but_a_larger_limit_resumes(tmp_pat
     critique_revise.run(_config(limit=2), tmp_path, backend=ScriptedBackend())
     summary = critique_revise.run(_config(limit=4), tmp_path, backend=ScriptedBackend())
     assert summary["rows"] == 4 and summary["written_this_run"] == 2
+    (tmp_path / "manifest.json").write_text('{"stages": {}}')  # a run directory (the CLI refuses any other)
     capsys.readouterr()
     code = main(["critique-revise", "--out", str(tmp_path), "--set", "critique_revise.rounds=3"])
     err = capsys.readouterr().err.strip()

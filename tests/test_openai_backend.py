@@ -276,5 +276,5 @@ def test_unreachable_server_stage_exits_2_with_one_line_naming_the_url_and_keeps
     capsys.readouterr()
     assert main(["critique-revise", "--config", str(config), "--out", str(out)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cai: error:")]
-    assert err == [f"cai: error: model server {url}: connection refused (gave up after 3 attempts over 0 s)"]
+    assert err == [f"cai: error: critique_revise.model: model server {url} is unreachable (connection refused)"]
     assert written.read_text() == earlier

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from constitutional import __version__
 from constitutional.config import STAGES, PipelineConfig, load_config
-from constitutional.errors import CaiError
+from constitutional.errors import CaiError, redact
 from constitutional.pipeline import STAGE_MODULES
 
 
@@ -44,11 +44,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except CaiError as e:
-        print(f"cai: error: {e}", file=sys.stderr)
-        return 2
+        return _error(str(e))
+    except UnicodeDecodeError as e:  # a file that is not UTF-8 (its name is not in the exception)
+        return _error(f"a file could not be read as UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8")
+    except OSError as e:  # a missing, unreadable or misplaced file found while working
+        where = f"{e.filename}: " if e.filename else ""
+        return _error(f"{where}{e.strerror or type(e).__name__}")
     except KeyboardInterrupt:
         print("cai: interrupted; rows written so far are kept, rerun to resume", file=sys.stderr)
         return 130
+    except Exception:  # a bug: keep the traceback for the report, with any API key taken out
+        import traceback
+
+        print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        return 1
+
+
+def _error(message: str) -> int:
+    """Print one ``cai: error:`` line (secrets redacted, kept to its first line); exit code 2."""
+    first = redact(message).strip().splitlines()
+    print(f"cai: error: {first[0] if first else 'failed'}", file=sys.stderr)
+    return 2
 
 
 def quiet_libraries() -> None:

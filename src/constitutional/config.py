@@ -15,6 +15,8 @@ as YAML) before checking. An unknown key or a value of the wrong type raises a
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from constitutional.errors import CaiError
+from constitutional.errors import CaiError, yaml_problem
 from constitutional.models import DEFAULT_MODEL
 
 # ---------------------------------------------------------- model servers
@@ -653,11 +655,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         source = str(path)
         if not path.is_file():
-            raise CaiError(f"config {path}: no such file")
+            raise CaiError(f"config {path}: {'is a directory' if path.is_dir() else 'no such file'}")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise CaiError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         except yaml.YAMLError as e:
-            raise CaiError(f"{path}: not valid YAML: {e}") from None
+            raise CaiError(f"{path}: {yaml_problem(e)}") from None
+        if raw is None:
+            raise CaiError(f"{path}: the config is empty (give at least one section, or leave out --config for "
+                           f"the defaults)")
         if not isinstance(raw, dict):
             raise CaiError(f"{path}: expected a mapping at the top level")
     for item in overrides or []:
@@ -697,7 +704,42 @@ def _build(cls, data, prefix: str):
         if key not in names:
             raise CaiError(f"config key '{prefix}{key}': unknown (known: {', '.join(sorted(names))})")
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+        _check_number(kwargs[key], f"{prefix}{key}")
+        if key == "device":
+            _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", str(kwargs[key])) is not None, f"{prefix}{key}",
+                     f"expected auto, cpu, cuda, cuda:N or mps, got {kwargs[key]!r}")
     return cls(**kwargs)
+
+
+# numeric fields that must be more than 0 (a count, a size, a rate); every other number must be 0 or more
+POSITIVE = frozenset({
+    "batch_size", "generate_batch_size", "minibatch_size", "max_new_tokens", "helpful_max_new_tokens",
+    "critique_max_new_tokens", "cot_max_new_tokens", "limit", "helpful_limit", "max_steps", "save_steps", "steps",
+    "epochs", "ppo_epochs", "learning_rate", "max_length", "lora_r", "lora_alpha", "prompts_per_step",
+    "rloo_generations", "eval_prompts", "bootstrap_samples", "judge_pairs", "timeout", "max_in_flight",
+    "gradient_accumulation_steps", "ensemble", "contrast_max_tokens", "top_p", "candidates",
+    "initial_candidates", "helpful_candidates", "contrast_temperature"})
+
+
+def _check_number(value, key: str) -> None:
+    """Every number in a config is finite and not negative; those in ``POSITIVE`` more than 0.
+
+    >>> _check_number(float("inf"), "label.temperature")
+    Traceback (most recent call last):
+    constitutional.errors.CaiError: config key 'label.temperature': must be a finite number, got inf
+    >>> _check_number(-1, "label.helpful_limit")
+    Traceback (most recent call last):
+    constitutional.errors.CaiError: config key 'label.helpful_limit': must be more than 0 (null: no limit), got -1
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    _require(math.isfinite(value), key, f"must be a finite number, got {value}")
+    name = key.rsplit(".", 1)[-1]
+    if name in POSITIVE:
+        hint = " (null: no limit)" if name.endswith("limit") else ""
+        _require(value > 0, key, f"must be more than 0{hint}, got {value}")
+    else:
+        _require(value >= 0, key, f"must be 0 or more, got {value}")
 
 
 def _coerce(value, hint, key: str):

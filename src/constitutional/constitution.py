@@ -50,7 +50,7 @@ from pathlib import Path
 
 import yaml
 
-from constitutional.errors import CaiError
+from constitutional.errors import CaiError, yaml_problem
 
 FEEDBACK_KINDS = ("harmless", "helpful")
 
@@ -141,7 +141,12 @@ def load_constitution(spec: str | Path | Sequence[str | Path]) -> Constitution:
     if not path.exists():
         known = ", ".join(builtin_constitutions())
         raise CaiError(f"constitution {spec!r}: no such file (built-in constitutions: {known})")
-    text = path.read_text(encoding="utf-8")
+    if path.is_dir():
+        raise CaiError(f"constitution {spec!r}: is a directory (give a YAML or JSON file)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CaiError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if path.suffix == ".json":
         try:
             data = json.loads(text)
@@ -151,9 +156,7 @@ def load_constitution(spec: str | Path | Sequence[str | Path]) -> Constitution:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise CaiError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        raise CaiError(f"{path}: {yaml_problem(e)}") from None
     return _from_yaml(data, path)
 
 

@@ -72,14 +72,14 @@ def load_prompts(source: str, split: str = "train", limit: int | None = None) ->
             names = ", ".join([*BUILTIN, *FETCHED])
             raise CaiError(f"prompts {source!r}: no such file (built-in sets: {names})")
         suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            rows = _from_jsonl(path, prefix=path.stem)
-        elif suffix == ".csv":
-            rows = _from_csv(path)
-        elif suffix == ".txt":
-            rows = _from_txt(path)
-        else:
+        readers = {".jsonl": lambda: _from_jsonl(path, prefix=path.stem), ".csv": lambda: _from_csv(path),
+                   ".txt": lambda: _from_txt(path)}
+        if suffix not in readers:
             raise CaiError(f"{path}: unknown prompt file type {suffix!r} (use .jsonl, .csv or .txt)")
+        try:
+            rows = readers[suffix]()
+        except UnicodeDecodeError as e:
+            raise CaiError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not rows:
         raise CaiError(f"prompts {source!r}: no prompts found")
     ids = set()
@@ -89,6 +89,9 @@ def load_prompts(source: str, split: str = "train", limit: int | None = None) ->
         ids.add(row.id)
     if split != "all":
         rows = [r for r in rows if r.split == split]
+        if not rows:
+            raise CaiError(f"prompts {source!r}: no prompts in the {split} split (a row's 'split' column says "
+                           f"train or heldout)")
     if limit is not None:
         rows = rows[:limit]
     return rows
@@ -103,7 +106,8 @@ def _from_jsonl(path: Path, prefix: str) -> list[PromptRow]:
     for i, row in enumerate(iter_jsonl(path)):
         text = row.get("prompt")
         if text is None and isinstance(row.get("messages"), list):
-            text = next((m.get("content") for m in row["messages"] if m.get("role") == "user"), None)
+            text = next((m.get("content") for m in row["messages"] if isinstance(m, dict) and m.get("role") == "user"),
+                        None)
         if not isinstance(text, str) or not text.strip():
             raise CaiError(f"{path}: row {i + 1}: needs a non-empty 'prompt' or a user message")
         split = row.get("split", _default_split(i))
@@ -115,7 +119,7 @@ def _from_jsonl(path: Path, prefix: str) -> list[PromptRow]:
 
 
 def _from_csv(path: Path) -> list[PromptRow]:
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark is not a name
         reader = csv.DictReader(f)
         if not reader.fieldnames or "prompt" not in reader.fieldnames:
             raise CaiError(f"{path}: needs a 'prompt' column (found: {reader.fieldnames})")

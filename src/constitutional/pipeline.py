@@ -23,19 +23,21 @@ input leaves no run directory behind.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib
 import json
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
 from constitutional.config import STAGES, PipelineConfig
 from constitutional.distributed import is_main, wait_for_everyone
-from constitutional.errors import CaiError
+from constitutional.errors import CaiError, redact
 from constitutional.records import write_json
 
 # stage name in configs -> (CLI subcommand, module, directory in the run)
@@ -162,9 +164,11 @@ def validate_inputs(config: PipelineConfig, stages: list[str]) -> None:
     from constitutional.datasets import load_prompts
     from constitutional.prompts import load_fewshot
 
-    load_constitution(config.constitution)
+    constitution = load_constitution(config.constitution)
     c = config
     if "critique_revise" in stages:
+        constitution.require_sl()
+        check_model(c.critique_revise.model, "critique_revise.model")
         load_prompts(c.critique_revise.prompts, c.critique_revise.split, c.critique_revise.limit)
         load_fewshot(c.critique_revise.fewshot_file)
     if "sft" in stages:
@@ -180,6 +184,10 @@ def validate_inputs(config: PipelineConfig, stages: list[str]) -> None:
             load_revision_chats(Path(c.sft.revisions))
     if "label" in stages:
         from constitutional.feedback import load_label_fewshot
+
+        if "sft" not in stages:  # else the policy may be the model this run's sft is about to write
+            check_model(c.label.policy, "label.policy")
+        check_model(c.label.feedback_model, "label.feedback_model")
 
         load_prompts(c.label.prompts, c.label.split, c.label.limit)
         if c.label.helpful_prompts:
@@ -219,20 +227,65 @@ def validate_inputs(config: PipelineConfig, stages: list[str]) -> None:
                            "evaluate.extra_models)")
 
 
+def check_upstream(config: PipelineConfig, out: Path, stages: list[str]) -> None:
+    """The outputs of earlier stages that ``stages`` read from the run directory ``out`` and that this command
+    does not make itself (``cai label`` alone needs ``sft/model``): checked before anything is written."""
+    from constitutional.models import check_model_spec
+
+    c = config
+    sft_model = str(out / "sft" / "model")
+    if "sft" in stages and "critique_revise" not in stages and not c.sft.revisions:
+        from constitutional.stages.sft import load_revision_chats
+
+        load_revision_chats(out / "critique_revise" / "revisions.jsonl")
+    if "label" in stages and "sft" not in stages:
+        check_model_spec(c.label.policy or sft_model, "label.policy")
+    if "pm" in stages:
+        if "label" not in stages and not c.pm.comparisons:
+            from constitutional.stages.pm import load_comparisons
+
+            load_comparisons(out / "label" / "comparisons.jsonl")
+        if "sft" not in stages:
+            check_model_spec(c.pm.base or sft_model, "pm.base")
+    if "rl" in stages:
+        if "sft" not in stages:
+            check_model_spec(c.rl.policy or sft_model, "rl.policy")
+        pm_dir = Path(c.rl.reward_model or out / "pm" / "model")
+        if (c.rl.reward == "pm" and c.rl.algo != "dpo" and "pm" not in stages
+                and not (pm_dir / "config.json").is_file()):
+            raise CaiError(f"rl.reward_model: preference model directory {pm_dir} "
+                           f"{'has no config.json' if pm_dir.exists() else 'does not exist'} (run `cai train-pm` "
+                           f"first, set rl.reward_model, or use rl.reward: direct)")
+        if c.rl.algo == "dpo" and "label" not in stages and not c.rl.comparisons:
+            from constitutional.stages.pm import load_comparisons
+
+            load_comparisons(out / "label" / "comparisons.jsonl")
+    if "evaluate" in stages and not {"sft", "rl"} & set(stages):
+        from constitutional.evaluation.snapshots import resolve_snapshots
+
+        resolve_snapshots(config, out)
+
+
 def check_judge(spec) -> None:
     """``evaluate.judge``: the rules, a model directory that exists, or a server that answers."""
+    if spec != "rules":
+        check_model(spec, "evaluate.judge")
+
+
+def check_model(spec, key: str) -> None:
+    """A model the run will load: a server that answers, with its API key variable set and sendable,
+    or a model directory that exists (``models.check_model_spec``). Loads nothing."""
     from constitutional.backends import as_server_spec
     from constitutional.models import check_model_spec
 
-    if spec == "rules":
-        return
     server = as_server_spec(spec)
     if server is not None:
-        from constitutional.backends.openai import check_reachable
+        from constitutional.backends.openai import check_reachable, read_api_key
 
-        check_reachable(server, "evaluate.judge")
-    else:
-        check_model_spec(spec, "evaluate.judge")
+        read_api_key(server)
+        check_reachable(server, key)
+    elif spec is not None:
+        check_model_spec(spec, key)
 
 
 def _fmt_seconds(seconds: float) -> str:
@@ -248,19 +301,81 @@ def run_stages(config: PipelineConfig, out: Path, stages: list[str], config_path
     it resumes what is there, and the stage itself refuses output made with other settings.
     ``dry_run`` checks the config and every input, prints what each stage would do and writes nothing.
     """
+    validate_inputs(config, stages)
+    previous = read_previous_stages(out)
+    check_upstream(config, out, stages)
+    if dry_run:
+        return _dry_run(config, out, stages, force, skip_done, previous)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with run_lock(out):
+            return _run_locked(config, out, stages, config_path, force, versions, skip_done, previous)
+    except CaiError:
+        if created and is_main():
+            _remove_if_untouched(out)
+        raise
+
+
+def _remove_if_untouched(out: Path) -> None:
+    """Remove a run directory this command created when a stage refused its input before writing a row:
+    it holds nothing but the manifest, the lock and empty directories, so a bad input leaves nothing."""
+    ours = {"manifest.json", ".cai.lock"}
+    if all(p.is_dir() or (p.parent == out and p.name in ours) for p in out.rglob("*")):
+        shutil.rmtree(out)
+
+
+def read_previous_stages(out: Path) -> dict:
+    """The ``stages`` of ``out/manifest.json``, or {} for a new or empty directory.
+
+    Refuses (``CaiError``) what is not a run directory of this tool: ``out`` naming a file, a non-empty
+    directory without a manifest, a manifest that is not a JSON object. The tool writes and removes only
+    inside its own run directories, so a directory that happens to hold a ``label/`` is never touched.
+    """
+    if out.exists() and not out.is_dir():
+        raise CaiError(f"--out {out}: is a file, not a run directory")
+    manifest_path = out / "manifest.json"
+    if not manifest_path.exists():
+        if out.is_dir() and any(out.iterdir()) and is_main():  # other processes: the main one may be writing
+            raise CaiError(f"--out {out}: the directory is not empty and has no manifest.json, so it is not a run "
+                           f"directory of cai; give a new or empty directory (nothing was written)")
+        return {}
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CaiError(f"{manifest_path}: not a readable cai manifest ({type(e).__name__}); move the run directory "
+                       f"aside or repair the file") from None
+    stages = manifest.get("stages", {}) if isinstance(manifest, dict) else None
+    if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
+        raise CaiError(f"{manifest_path}: not a cai manifest (expected an object with a 'stages' mapping)")
+    return stages
+
+
+@contextmanager
+def run_lock(out: Path):
+    """Hold ``out/.cai.lock`` for the run, so two runs on one directory never write the same rows twice.
+
+    Under ``accelerate launch`` only the main process takes it (the others follow its lead)."""
+    if not is_main():
+        yield
+        return
+    with (out / ".cai.lock").open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise CaiError(f"--out {out}: another cai command is running in this directory; wait for it to "
+                           f"finish or give another --out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _run_locked(config: PipelineConfig, out: Path, stages: list[str], config_path, force: str | None,
+                versions: dict | None, skip_done: bool, previous: dict) -> dict:
     from constitutional import progress
 
-    validate_inputs(config, stages)
     manifest_path = out / "manifest.json"
-    if dry_run:
-        return _dry_run(config, out, stages, force, skip_done)
-    out.mkdir(parents=True, exist_ok=True)
-    previous: dict = {}
-    if manifest_path.exists():
-        try:
-            previous = json.loads(manifest_path.read_text()).get("stages", {}) or {}
-        except (json.JSONDecodeError, AttributeError):
-            previous = {}
     manifest = {"config": config.to_dict(), "config_file": str(config_path) if config_path else None,
                 "versions": versions or {}, "stages": dict(previous)}
     keys = plan(config)
@@ -277,6 +392,9 @@ def run_stages(config: PipelineConfig, out: Path, stages: list[str], config_path
         if decision == "skip":
             say(f"{label}: unchanged since the last run, skipped")
             continue
+        if decision.startswith("restart") and stage not in previous:
+            raise CaiError(f"{stage_dir}: would be removed to run {stage} afresh, but this run's manifest.json "
+                           f"did not create it; move it aside (cai never deletes what it did not write)")
         if decision.startswith("restart"):
             say(f"{label}: {decision.split(': ', 1)[1]}: starting it again (removing {stage_dir})")
             if is_main():  # several processes (accelerate launch): one removes, all wait for it
@@ -299,7 +417,7 @@ def run_stages(config: PipelineConfig, out: Path, stages: list[str], config_path
             raise
         except BaseException as e:
             new.update(status="failed", seconds=round(time.time() - start, 2),
-                       error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+                       error=redact(str(e).splitlines()[0]) if str(e) else type(e).__name__)
             write_json(manifest_path, manifest)
             raise
         finally:
@@ -327,12 +445,8 @@ def _decide(stage: str, entry: dict, k: dict, forced: set, skip_done: bool, exis
     return "resume" if exists else "run"
 
 
-def _dry_run(config: PipelineConfig, out: Path, stages: list[str], force: str | None, skip_done: bool) -> dict:
-    previous: dict = {}
-    try:
-        previous = json.loads((out / "manifest.json").read_text()).get("stages", {}) or {}
-    except (OSError, json.JSONDecodeError, AttributeError):
-        pass
+def _dry_run(config: PipelineConfig, out: Path, stages: list[str], force: str | None, skip_done: bool,
+             previous: dict) -> dict:
     keys = plan(config)
     forced = set(STAGES[STAGES.index(force):]) if force else set()
     decisions = {}

@@ -66,8 +66,13 @@ def iter_jsonl(path: str | Path) -> Iterator[dict]:
     path = Path(path)
     if not path.is_file():
         raise CaiError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CaiError(f"{path}: line {lineno}: not UTF-8 text ({e.reason} at byte {e.start}; a line cut "
+                               f"off inside a character?)") from None
             if not line.strip():
                 continue
             try:

@@ -36,16 +36,16 @@ def esc(value) -> str:
 
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except json.JSONDecodeError:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not path.is_symlink() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return None
 
 
 def _read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
     rows = []
-    if not path.is_file():
+    if not path.is_file() or path.is_symlink():  # a run directory someone sent: never read outside it
         return rows
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 row = json.loads(line)
@@ -58,10 +58,18 @@ def _read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
     return rows
 
 
-def _image(path: Path, alt: str) -> str:
-    if not path.is_file() or path.stat().st_size == 0:
+def _image(run: Path, name: str, alt: str) -> str:
+    """A PNG of the run embedded as data; a symlink, or anything that is not a PNG inside the run, is left out
+    (a run directory someone sent is data: the report never reads files outside it)."""
+    path = run / name
+    if path.is_symlink() or any((run / p).is_symlink() for p in Path(name).parents if str(p) != "."):
         return ""
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    if not path.is_file() or not path.resolve().is_relative_to(run.resolve()):
+        return ""
+    data = path.read_bytes()
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return ""
+    data = base64.b64encode(data).decode("ascii")
     return (f'<figure><img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
             f'<figcaption>{esc(alt)}</figcaption></figure>')
 
@@ -346,6 +354,10 @@ pre { background: #f7f7f7; padding: 0.5rem; overflow-x: auto; }
 """
 
 
+# The page runs no script and loads nothing: styles inline, images as data: URLs.
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+
+
 def build_report(run_dir: str | Path) -> str:
     """The report's HTML for a run directory."""
     run = Path(run_dir)
@@ -354,34 +366,47 @@ def build_report(run_dir: str | Path) -> str:
     manifest = _read_json(run / "manifest.json")
     effect = _read_json(run / "evaluate" / "effect.json")
     elo = _read_json(run / "evaluate" / "elo.json")
+    for name, value in (("manifest.json", manifest), ("evaluate/effect.json", effect), ("evaluate/elo.json", elo)):
+        if value is not None and not isinstance(value, dict):
+            raise CaiError(f"report: {run / name}: expected a JSON object, got a {type(value).__name__}")
     if manifest is None and not any((run / d).is_dir() for d in ("critique_revise", "sft", "label", "pm", "rl",
                                                                   "evaluate")):
         raise CaiError(f"report: {run} holds no stage output (is it a run directory?)")
-    sections = [("Stages", _section_stages(run, manifest))]
+    parts = [("Stages", "manifest.json", lambda: _section_stages(run, manifest))]
     if effect:
-        sections.append(("Effect table", _section_effect(effect)))
+        parts.append(("Effect table", "evaluate/effect.json", lambda: _section_effect(effect)))
     if elo:
-        sections.append(("Elo", _section_elo(elo)))
+        parts.append(("Elo", "evaluate/elo.json", lambda: _section_elo(elo)))
     plots = "".join([
-        _image(run / "evaluate" / "elo.png", "Helpfulness vs. harmlessness Elo per snapshot"),
-        _image(run / "evaluate" / "rl_steps.png", "Elo and refusal rates against RL step"),
-        _image(run / "pm" / "calibration.png", "Preference model calibration (held-out pairs)"),
-        _image(run / "rl" / "reward.png", "RL reward and KL per step"),
+        _image(run, "evaluate/elo.png", "Helpfulness vs. harmlessness Elo per snapshot"),
+        _image(run, "evaluate/rl_steps.png", "Elo and refusal rates against RL step"),
+        _image(run, "pm/calibration.png", "Preference model calibration (held-out pairs)"),
+        _image(run, "rl/reward.png", "RL reward and KL per step"),
     ])
     if plots:
-        sections.append(("Plots", plots))
-    sections += [
-        ("Principles", _section_principles(run)),
-        ("Side by side: answers to held-out prompts (greedy)", _section_side_by_side(run, effect)),
-        ("Critique and revision rounds (stage 1)", _section_revisions(run)),
-        ("Labelled comparisons (stage 3)", _section_comparisons(run)),
+        parts.append(("Plots", "", lambda: plots))
+    parts += [
+        ("Principles", "critique_revise/ and label/ rows", lambda: _section_principles(run)),
+        ("Side by side: answers to held-out prompts (greedy)", "evaluate/", lambda: _section_side_by_side(run, effect)),
+        ("Critique and revision rounds (stage 1)", "critique_revise/revisions.jsonl", lambda: _section_revisions(run)),
+        ("Labelled comparisons (stage 3)", "label/comparisons.jsonl", lambda: _section_comparisons(run)),
     ]
     if manifest:
-        sections.append(("Config and versions", f"<pre>{esc(json.dumps(manifest.get('config'), indent=2))}</pre>"
-                                                f"<pre>{esc(json.dumps(manifest.get('versions'), indent=2))}</pre>"))
+        parts.append(("Config and versions", "manifest.json",
+                      lambda: f"<pre>{esc(json.dumps(manifest.get('config'), indent=2))}</pre>"
+                              f"<pre>{esc(json.dumps(manifest.get('versions'), indent=2))}</pre>"))
+    sections = []
+    for title, source, render in parts:
+        try:
+            sections.append((title, render()))
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:  # a file of the wrong shape
+            raise CaiError(f"report: {run / source}: a value of the wrong shape ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else 'no detail'}); the {title!r} section cannot "
+                           f"be shown") from None
     body = "\n".join(f"<section><h2>{esc(title)}</h2>\n{content}\n</section>" for title, content in sections)
     title = f"constitutional run report: {run.resolve().name}"
-    return (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><title>{esc(title)}</title>"
+    return (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+            f"<meta http-equiv=\"Content-Security-Policy\" content=\"{CSP}\"><title>{esc(title)}</title>"
             f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1>\n{body}\n</body></html>\n")
 
 

@@ -215,11 +215,12 @@ def run_model_dir(spec: str) -> tuple[str, str]:
 def serve_foreground(spec: str, host: str = "127.0.0.1", port: int = 8000, kv_cache_gib: float = 2,
                      build_only: bool = False) -> int:
     """``cai serve-local``: build the environment if needed, then run the server until Ctrl-C."""
+    if not build_only:
+        model_dir, name = run_model_dir(spec)  # a missing model is named before minutes of building
     python = vllm_python()
     if build_only:
         print(python)
         return 0
-    model_dir, name = run_model_dir(spec)
     url = f"http://{host}:{port}/v1"
     _log(f"serving {model_dir} as {name!r} at {url} (ready in about a minute on a CPU; Ctrl-C stops it)")
     _log(f"use it in a config as: {{backend: openai, base_urls: [{url}], model: {name}}}")

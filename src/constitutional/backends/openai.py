@@ -54,7 +54,7 @@ from urllib.parse import urlsplit
 
 from constitutional.backends import template
 from constitutional.backends.base import Chat, Completion, ProgressFn, SamplingParams, TokenLogprobs
-from constitutional.errors import CaiError
+from constitutional.errors import CaiError, register_secret
 
 # The probe: a fixed chat, continued greedily for PROBE_TOKENS tokens, whose sampled-token
 # log-probabilities must match its prompt log-probabilities within PROBE_TOLERANCE nats a token.
@@ -83,11 +83,8 @@ class OpenAIBackend:
         self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(spec)
         self.stop_ids = template.stop_token_ids(_generation_config(spec), self.tokenizer)
         headers = {"Content-Type": "application/json"}
-        if spec.api_key_env:
-            key = os.environ.get(spec.api_key_env)
-            if not key:
-                raise CaiError(f"model server {spec.model!r}: environment variable {spec.api_key_env} "
-                               f"(api_key_env) is not set")
+        key = read_api_key(spec)
+        if key is not None:
             headers["Authorization"] = f"Bearer {key}"
         self.pool = HttpPool(spec.base_urls, headers, timeout=spec.timeout, retries=spec.retries,
                              backoff=spec.backoff)
@@ -334,6 +331,29 @@ def _prompt_logprobs(result: dict, kind: str, ids: list[int]) -> list[float | No
 # --------------------------------------------------------------------- HTTP
 
 
+def read_api_key(spec) -> str | None:
+    """The API key from the environment variable ``spec.api_key_env`` (None when the spec names none).
+
+    Surrounding whitespace (a trailing ``\\r`` of a key pasted from a Windows file) is stripped; a key
+    that is empty or holds anything but printable ASCII is refused, naming the variable, never the key.
+    The key is registered with ``errors.redact``, so no message the tool prints or stores can hold it.
+    """
+    if not spec.api_key_env:
+        return None
+    raw = os.environ.get(spec.api_key_env)
+    if raw:
+        register_secret(raw)
+    key = (raw or "").strip()
+    if not key:
+        raise CaiError(f"model server {spec.model!r}: environment variable {spec.api_key_env} (api_key_env) "
+                       f"is {'empty' if raw is not None else 'not set'}")
+    if not all(33 <= ord(c) <= 126 for c in key):
+        raise CaiError(f"model server {spec.model!r}: environment variable {spec.api_key_env} (api_key_env) holds "
+                       f"a character that cannot be sent in a header (a control character, space or non-ASCII "
+                       f"letter inside the key; the key is not shown)")
+    return key
+
+
 def check_reachable(spec, key: str, timeout: float = 5.0) -> None:
     """Fail fast if a server does not answer: one ``GET /models`` to each base URL, no retries.
 
@@ -387,6 +407,10 @@ class HttpPool:
             except (OSError, http.client.HTTPException) as e:  # timeouts, refused/reset connections
                 self._drop_connection(base)
                 failures.append((base, _describe(e)))
+            except ValueError as e:  # http.client refuses a header value: its message would hold the header
+                self._drop_connection(base)
+                raise ServerError(f"model server {base}: the request could not be sent ({type(e).__name__} in "
+                                  f"its headers; check the API key's environment variable)") from None
             else:
                 if status < 300:
                     try:
