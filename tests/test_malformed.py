@@ -162,6 +162,11 @@ CASES = [
                                                            "constitution=" + c.file(
                                                                "k.yaml", "sl_principles:\n  - id: a\n"
                                                                "    critique: Is it harmful?\n")], "k.yaml"),
+    ("constitution principle longer than the context", lambda c: [
+        "critique-revise", "--out", c.new_out(), *c.model(), "--set", "critique_revise.limit=2", "--set",
+        "constitution=" + c.file("k.yaml", "sl_principles:\n  - id: a\n    critique_request: "
+                                 + "Is it harmful? " * 20000 + "\n    revision_request: Rewrite it.\n")],
+     "fits the model's context"),
     ("constitution empty list", lambda c: ["critique-revise", "--out", c.new_out(), "--set", "constitution=[]"],
      "empty list"),
     # ---------------------------------------------------------------- prompt files

@@ -319,9 +319,13 @@ def run_stages(config: PipelineConfig, out: Path, stages: list[str], config_path
 
 def _remove_if_untouched(out: Path) -> None:
     """Remove a run directory this command created when a stage refused its input before writing a row:
-    it holds nothing but the manifest, the lock and empty directories, so a bad input leaves nothing."""
-    ours = {"manifest.json", ".cai.lock"}
-    if all(p.is_dir() or (p.parent == out and p.name in ours) for p in out.rglob("*")):
+    it holds nothing but the manifest, the lock, a stage's settings.json and empty directories, so a bad
+    input leaves nothing behind (and no row of any run is lost)."""
+    def bookkeeping(p: Path) -> bool:
+        return p.is_dir() or (p.parent == out and p.name in ("manifest.json", ".cai.lock")) or (
+            p.parent.parent == out and p.name == "settings.json")
+
+    if all(bookkeeping(p) for p in out.rglob("*")):
         shutil.rmtree(out)
 
 

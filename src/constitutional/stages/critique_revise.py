@@ -158,8 +158,10 @@ def run(config: PipelineConfig, out_dir: str | Path, backend: Backend | None = N
     if writer.repaired_bytes:
         _log(f"cut a torn last line ({writer.repaired_bytes} bytes) from {out_path}")
     todo = [p for p in prompts if p.id not in writer.done_ids]
-    _log(f"critique-revise: {len(prompts)} prompts, {len(prompts) - len(todo)} already done, "
-         f"{len(todo)} to do, {cfg.rounds} rounds")
+
+    def announce() -> None:
+        _log(f"critique-revise: {len(prompts)} prompts, {len(prompts) - len(todo)} already done, "
+             f"{len(todo)} to do, {cfg.rounds} rounds")
 
     # One few-shot context for the whole run, as in the paper: every critique and revision chat
     # then starts with the same tokens, which the backend computes once per call.
@@ -174,6 +176,8 @@ def run(config: PipelineConfig, out_dir: str | Path, backend: Backend | None = N
     tokens = 0
     skipped: list[str] = []
     start = time.time()
+    if not plans:
+        announce()
     if plans:
         if backend is None:
             from constitutional.backends import load_backend
@@ -194,6 +198,12 @@ def run(config: PipelineConfig, out_dir: str | Path, backend: Backend | None = N
         for plan in plans:
             (fits if _fits_context(plan, cfg, backend) else skipped).append(plan)
         skipped = [plan.row.id for plan in skipped]
+        if skipped and not fits and not out_path.exists():
+            raise CaiError(f"critique-revise: none of the {len(skipped)} prompts fits the model's context "
+                           f"({backend.context_length} tokens) with its principle, few-shot examples and "
+                           f"{2 * cfg.max_new_tokens + cfg.critique_max_new_tokens} new tokens (a principle or "
+                           f"few-shot file far too long?)")
+        announce()  # after the context check: a run that cannot start says only why
         if skipped:
             _log(f"skipping {len(skipped)} prompts longer than the model's context "
                  f"({backend.context_length} tokens): {', '.join(skipped[:5])}"
