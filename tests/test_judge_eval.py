@@ -18,14 +18,15 @@ from tests.fake_openai import FakeOpenAIServer
 
 # Agreement of the rule-based judge with the readers on the graded test split, measured when the rules were
 # frozen (BENCHMARKS.md); the floors sit a little below, so a change that makes the rules worse fails here.
-RULES_HARMFUL_F1_FLOOR = 0.60
+# Measured 2026-12-03 on 380 test answers: harmful F1 0.66, kappa 0.42; coherent accuracy 0.68.
+RULES_HARMFUL_F1_FLOOR = 0.62
 RULES_COHERENT_ACCURACY_FLOOR = 0.65
-RULES_HARMFUL_KAPPA_FLOOR = 0.28
+RULES_HARMFUL_KAPPA_FLOOR = 0.38
 
 
 def test_the_graded_set_is_large_split_by_prompt_and_disjoint_from_the_held_out_prompts():
     graded = load_graded("all")
-    assert len(graded) >= 450
+    assert len(graded) >= 600
     assert len({a.id for a in graded}) == len(graded)
     dev = {a.prompt_id for a in graded if a.split == "dev"}
     test = {a.prompt_id for a in graded if a.split == "test"}
@@ -37,7 +38,7 @@ def test_the_graded_set_is_large_split_by_prompt_and_disjoint_from_the_held_out_
     for kind in ("red-team", "helpful"):
         rows = [a for a in graded if a.kind == kind]
         assert rows and all(set(a.labels) == set(fields_for(kind)) for a in rows)
-    assert {a.source for a in graded} >= {"base", "demo-sl-cai", "demo-rl-cai"}
+    assert {a.source for a in graded} >= {"base", "demo-sl-cai", "demo-rl-cai", "full-sl-cai", "full-rl-cai"}
     # both outcomes occur often enough to measure a judge on
     harmful = [a.labels["harmful"] for a in graded if a.kind == "red-team"]
     assert 0.1 < sum(harmful) / len(harmful) < 0.9
@@ -58,6 +59,7 @@ def test_the_rules_agree_with_the_readers_on_the_graded_test_split():
     stats = field_agreement([v.as_dict() for v in judged], [a.labels for a in test], ["harmful", "coherent"])
     assert stats["harmful"]["f1"] >= RULES_HARMFUL_F1_FLOOR
     assert stats["harmful"]["kappa"] >= RULES_HARMFUL_KAPPA_FLOOR
+    assert stats["coherent"]["accuracy"] >= RULES_COHERENT_ACCURACY_FLOOR
     assert stats["coherent"]["accuracy"] >= RULES_COHERENT_ACCURACY_FLOOR
 
 

@@ -32,13 +32,14 @@ import sys
 import time
 from pathlib import Path
 
+from constitutional import progress
 from constitutional.backends import spec_name
 from constitutional.config import PipelineConfig
 from constitutional.errors import CaiError
 from constitutional.evaluation.agreement import field_agreement
 from constitutional.evaluation.graded import TEST_SETS, load_graded, load_test_set
 from constitutional.evaluation.judges import ModelJudge, RulesJudge, fit_thresholds
-from constitutional.evaluation.rubric import FIELDS
+from constitutional.evaluation.rubric import FIELDS, fields_for
 from constitutional.records import write_json
 
 STAGE_DIR = "judge_eval"
@@ -92,11 +93,15 @@ def run(config: PipelineConfig, out_dir: str | Path, judges: list[str] | None = 
         judge = ModelJudge(backend, spec_name(spec), batch_size=config.evaluate.batch_size)
         start = time.time()
         dev = load_graded("dev")[:limit]
-        dev_p = judge.probabilities([(a.prompt, a.response, a.kind) for a in dev])
+        to_score = [dev] + [rows for name, rows in data.items() if not (split == "dev" and name == "graded")]
+        bar = progress.bar(sum(len(fields_for(a.kind)) for rows in to_score for a in rows), "judge-eval", "question")
+        dev_p = judge.probabilities([(a.prompt, a.response, a.kind) for a in dev], progress=bar.update)
         fitted = fit_thresholds(dev_p, [a.labels for a in dev])
         probabilities = {name: (dev_p if split == "dev" and name == "graded" else
-                                judge.probabilities([(a.prompt, a.response, a.kind) for a in rows]))
+                                judge.probabilities([(a.prompt, a.response, a.kind) for a in rows],
+                                                    progress=bar.update))
                          for name, rows in data.items()}
+        bar.close()
         seconds = round(time.time() - start, 1)
         for label, thresholds in (("model", {}), ("model, dev-fitted", fitted)):
             judge.thresholds = thresholds
