@@ -249,6 +249,8 @@ CASES = [
      "no manifest.json"),
     ("manifest a list", lambda c: ["critique-revise", "--out", c.run_dir(manifest="[]")], "not a cai manifest"),
     ("manifest not json", lambda c: ["critique-revise", "--out", c.run_dir(manifest="{")], "manifest"),
+    ("manifest of another tool", lambda c: ["critique-revise", "--out", c.run_dir(manifest={"name": "my-web-app"})],
+     "not a cai manifest"),
     ("manifest stages a list", lambda c: ["critique-revise", "--out", c.run_dir(manifest={"stages": []})],
      "not a cai manifest"),
     ("label without sft model", lambda c: ["label", "--out", c.run_dir(manifest={"stages": {}})], "sft"),
@@ -476,3 +478,34 @@ def test_report_leaves_out_a_symlinked_image_and_sets_a_content_security_policy(
 
     assert base64.b64encode(outside.read_bytes()).decode()[:16] not in html
     assert "Content-Security-Policy" in html and "default-src 'none'" in html
+
+
+def test_report_writes_through_no_planted_symlink(tmp_path):
+    """A run directory someone sent may hold report.html.tmp or report.html as symlinks to your files."""
+    from constitutional.report import write_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({"stages": {}}))
+    victim = tmp_path / "authorized_keys"
+    victim.write_text("my key\n")
+    os.symlink(victim, run / "report.html.tmp")
+    os.symlink(victim, run / "report.html")
+    path = write_report(run)
+    assert victim.read_text() == "my key\n"
+    assert not path.is_symlink() and "<!DOCTYPE html>" in path.read_text()
+
+
+def test_legitimate_edge_values_are_still_accepted():
+    from constitutional.config import load_config
+
+    config = load_config(None, ["rl.eval_prompts=0", "critique_revise.fewshot=0", "rl.kl_coef=0",
+                                "label.temperature=0", "sft.device=cuda:1", "critique_revise.follows_candidates=0"])
+    assert config.rl.eval_prompts == 0 and config.sft.device == "cuda:1"
+
+
+def test_a_directory_holding_only_a_leftover_lock_is_a_new_run_directory(tmp_path):
+    from constitutional.pipeline import read_previous_stages
+
+    (tmp_path / ".cai.lock").write_text("")
+    assert read_previous_stages(tmp_path) == {}

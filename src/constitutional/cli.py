@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return _error(f"a file could not be read as UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8")
     except OSError as e:  # a missing, unreadable or misplaced file found while working
         where = f"{e.filename}: " if e.filename else ""
-        return _error(f"{where}{e.strerror or type(e).__name__}")
+        return _error(f"{where}{e.strerror or str(e) or type(e).__name__}")
     except KeyboardInterrupt:
         print("cai: interrupted; rows written so far are kept, rerun to resume", file=sys.stderr)
         return 130
@@ -150,7 +150,8 @@ def _parser() -> argparse.ArgumentParser:
                    "when it names a model, else the feedback model)")
     p.add_argument("--split", default="test", help="graded split to report: test (default) or dev")
     p.add_argument("--sets", help="comma-separated subset of: graded,uncensorbench (default: both)")
-    p.add_argument("--limit", type=int, help="use only the first N answers of each set")
+    p.add_argument("--limit", type=int, help="use N answers of each set, taken evenly across it (every snapshot "
+                   "and kind); the dev split used to fit the model judge's thresholds too")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. evaluate.judge=path/to/model")
     p.set_defaults(func=_cmd_judge_eval)

@@ -706,8 +706,8 @@ def _build(cls, data, prefix: str):
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
         _check_number(kwargs[key], f"{prefix}{key}")
         if key == "device":
-            _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", str(kwargs[key])) is not None, f"{prefix}{key}",
-                     f"expected auto, cpu, cuda, cuda:N or mps, got {kwargs[key]!r}")
+            _require(re.fullmatch(r"auto|cpu|mps|(?:cuda|xpu|hpu|npu)(?::\d+)?", str(kwargs[key])) is not None,
+                     f"{prefix}{key}", f"expected auto, cpu, cuda, cuda:N, mps, xpu, hpu or npu, got {kwargs[key]!r}")
     return cls(**kwargs)
 
 
@@ -716,7 +716,7 @@ POSITIVE = frozenset({
     "batch_size", "generate_batch_size", "minibatch_size", "max_new_tokens", "helpful_max_new_tokens",
     "critique_max_new_tokens", "cot_max_new_tokens", "limit", "helpful_limit", "max_steps", "save_steps", "steps",
     "epochs", "ppo_epochs", "learning_rate", "max_length", "lora_r", "lora_alpha", "prompts_per_step",
-    "rloo_generations", "eval_prompts", "bootstrap_samples", "judge_pairs", "timeout", "max_in_flight",
+    "rloo_generations", "bootstrap_samples", "judge_pairs", "timeout", "max_in_flight",
     "gradient_accumulation_steps", "ensemble", "contrast_max_tokens", "top_p", "candidates",
     "initial_candidates", "helpful_candidates", "contrast_temperature"})
 

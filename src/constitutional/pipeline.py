@@ -160,6 +160,7 @@ def plan(config: PipelineConfig) -> dict[str, dict]:
 def validate_inputs(config: PipelineConfig, stages: list[str]) -> None:
     """Check the constitution and every prompt, few-shot and data file the stages will read,
     so that bad input stops the run before any directory, manifest or model exists."""
+    from constitutional.backends import as_server_spec
     from constitutional.constitution import load_constitution
     from constitutional.datasets import load_prompts
     from constitutional.prompts import load_fewshot
@@ -187,7 +188,8 @@ def validate_inputs(config: PipelineConfig, stages: list[str]) -> None:
 
         if "sft" not in stages:  # else the policy may be the model this run's sft is about to write
             check_model(c.label.policy, "label.policy")
-        check_model(c.label.feedback_model, "label.feedback_model")
+        if "sft" not in stages or as_server_spec(c.label.feedback_model) is not None:  # may be this run's sft/model
+            check_model(c.label.feedback_model, "label.feedback_model")
 
         load_prompts(c.label.prompts, c.label.split, c.label.limit)
         if c.label.helpful_prompts:
@@ -308,13 +310,14 @@ def run_stages(config: PipelineConfig, out: Path, stages: list[str], config_path
         return _dry_run(config, out, stages, force, skip_done, previous)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        with run_lock(out):
+    with run_lock(out):
+        try:
+            previous = read_previous_stages(out)  # again, under the lock: another run may have just finished
             return _run_locked(config, out, stages, config_path, force, versions, skip_done, previous)
-    except CaiError:
-        if created and is_main():
-            _remove_if_untouched(out)
-        raise
+        except CaiError:
+            if created and is_main():  # only the command holding the lock tidies what it made
+                _remove_if_untouched(out)
+            raise
 
 
 def _remove_if_untouched(out: Path) -> None:
@@ -340,7 +343,7 @@ def read_previous_stages(out: Path) -> dict:
         raise CaiError(f"--out {out}: is a file, not a run directory")
     manifest_path = out / "manifest.json"
     if not manifest_path.exists():
-        if out.is_dir() and any(out.iterdir()) and is_main():  # other processes: the main one may be writing
+        if out.is_dir() and any(p.name != ".cai.lock" for p in out.iterdir()) and is_main():  # others: rank 0 writes
             raise CaiError(f"--out {out}: the directory is not empty and has no manifest.json, so it is not a run "
                            f"directory of cai; give a new or empty directory (nothing was written)")
         return {}
@@ -349,7 +352,7 @@ def read_previous_stages(out: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CaiError(f"{manifest_path}: not a readable cai manifest ({type(e).__name__}); move the run directory "
                        f"aside or repair the file") from None
-    stages = manifest.get("stages", {}) if isinstance(manifest, dict) else None
+    stages = manifest.get("stages") if isinstance(manifest, dict) else None  # another tool's manifest.json: refused
     if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
         raise CaiError(f"{manifest_path}: not a cai manifest (expected an object with a 'stages' mapping)")
     return stages

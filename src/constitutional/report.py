@@ -34,16 +34,21 @@ def esc(value) -> str:
     return "" if value is None else html.escape(str(value), quote=True)
 
 
+def _linked(path: Path) -> bool:
+    """Whether ``RUN/STAGE/FILE`` (or ``RUN/FILE``) is reached through a symlink below the run directory."""
+    return path.is_symlink() or (path.parent.is_symlink() and path.parent.name != "")
+
+
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not path.is_symlink() else None
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not _linked(path) else None
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
 
 
 def _read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
     rows = []
-    if not path.is_file() or path.is_symlink():  # a run directory someone sent: never read outside it
+    if not path.is_file() or _linked(path):  # a run directory someone sent: never read outside it
         return rows
     with path.open(encoding="utf-8", errors="replace") as f:
         for line in f:
@@ -413,10 +418,19 @@ def build_report(run_dir: str | Path) -> str:
 def write_report(run_dir: str | Path) -> Path:
     """Write ``RUN_DIR/report.html`` (atomically) and return its path."""
     import os
+    import tempfile
 
     html_text = build_report(run_dir)
     path = Path(run_dir) / "report.html"
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(html_text, encoding="utf-8")
-    os.replace(tmp, path)
+    # A new temp file (O_EXCL: never an existing file or a symlink planted in the run), then an atomic rename,
+    # which replaces a symlinked report.html instead of writing through it.
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".report-", suffix=".html.tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(html_text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path

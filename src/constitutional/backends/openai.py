@@ -340,7 +340,12 @@ def read_api_key(spec) -> str | None:
     """
     if not spec.api_key_env:
         return None
-    raw = os.environ.get(spec.api_key_env)
+    name = spec.api_key_env
+    if name not in os.environ and len(name) >= 20 and not name.isupper():  # the key itself, pasted by mistake
+        register_secret(name)
+        raise CaiError(f"model server {spec.model!r}: api_key_env holds what looks like an API key, not the name of "
+                       f"an environment variable (the value is not shown): put the key in a variable and name it")
+    raw = os.environ.get(name)
     if raw:
         register_secret(raw)
     key = (raw or "").strip()

@@ -69,7 +69,7 @@ def run(config: PipelineConfig, out_dir: str | Path, judges: list[str] | None = 
         raise CaiError(f"--split {split!r}: expected dev or test")
     if split == "dev":
         sets = [s for s in sets if s == "graded"]  # UncensorBench is test only
-    data = {name: load_test_set(name, split)[:limit] for name in sets}
+    data = {name: spread(load_test_set(name, split), limit) for name in sets}
     results: dict = {"split": split, "answers": {name: len(rows) for name, rows in data.items()}, "judges": {}}
 
     if "rules" in judges:
@@ -92,7 +92,7 @@ def run(config: PipelineConfig, out_dir: str | Path, judges: list[str] | None = 
             backend = load_backend(spec, batch_size=config.evaluate.batch_size, device=config.evaluate.device)
         judge = ModelJudge(backend, spec_name(spec), batch_size=config.evaluate.batch_size)
         start = time.time()
-        dev = load_graded("dev")[:limit]
+        dev = spread(load_graded("dev"), limit)
         to_score = [dev] + [rows for name, rows in data.items() if not (split == "dev" and name == "graded")]
         bar = progress.bar(sum(len(fields_for(a.kind)) for rows in to_score for a in rows), "judge-eval", "question")
         dev_p = judge.probabilities([(a.prompt, a.response, a.kind) for a in dev], progress=bar.update)
@@ -117,6 +117,18 @@ def run(config: PipelineConfig, out_dir: str | Path, judges: list[str] | None = 
     write_json(Path(out_dir) / STAGE_DIR / f"results-{split}.json", results)
     print(table(results))
     return results
+
+
+def spread(rows: list, limit: int | None) -> list:
+    """``limit`` rows taken evenly across ``rows`` (all of them when None), so a sample of a set that is
+    stored by snapshot and kind still covers every snapshot and kind.
+
+    >>> spread(list(range(10)), 4)
+    [0, 2, 5, 7]
+    """
+    if limit is None or limit >= len(rows):
+        return list(rows)
+    return [rows[i * len(rows) // limit] for i in range(limit)]
 
 
 def _measured(rows, verdicts: list[dict], probabilities: list[dict] | None = None) -> dict:
