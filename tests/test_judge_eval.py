@@ -141,11 +141,12 @@ def test_judge_eval_measures_a_model_judge_through_a_fake_server(tmp_path, tiny_
     assert set(results["judges"]["model, dev-fitted"]["thresholds"]) >= {"declines", "coherent"}
 
 
-# The embedded 135M model as the verdict judge, on the first EMBEDDED_ANSWERS answers of each graded split
-# (thresholds fitted on dev, measured on test). It is a poor judge (BENCHMARKS.md, "Judges, measured"); the
-# floor only keeps it from getting worse than measured.
+# The embedded 135M model as the verdict judge, on EMBEDDED_ANSWERS answers spread over each graded split
+# (thresholds fitted on dev, measured on test). It is a poor judge: on 120 test answers, coherent accuracy 0.74
+# dev-fitted (0.68 at 0.5), harmful F1 0.42 at 0.5, declines below chance (BENCHMARKS.md, "Judges, measured").
+# The floor only catches a judge that stopped reading the answer (saying "coherent" to all scores about 0.3).
 EMBEDDED_ANSWERS = 40
-EMBEDDED_ACCURACY_FLOOR = {"declines": 0.6, "coherent": 0.6}
+EMBEDDED_ACCURACY_FLOOR = {"coherent": 0.5}
 
 
 @pytest.mark.integration
@@ -154,5 +155,5 @@ def test_the_embedded_model_as_judge_is_measured_against_the_readers(tmp_path):
     results = judge_eval.run(config, tmp_path, ["model"], "test", ["graded"], limit=EMBEDDED_ANSWERS)
     fields = results["judges"]["model, dev-fitted"]["graded"]["fields"]
     assert results["judges"]["model"]["model"] == "smollm2-135m-instruct"
-    for field in EMBEDDED_ACCURACY_FLOOR:
-        assert 0 <= fields[field]["accuracy"] <= 1 and fields[field]["n"] > 0
+    for field, floor in EMBEDDED_ACCURACY_FLOOR.items():
+        assert fields[field]["n"] > 0 and fields[field]["accuracy"] >= floor, fields[field]
