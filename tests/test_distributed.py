@@ -28,6 +28,7 @@ def test_sft_and_rloo_in_two_processes_write_each_file_once(tmp_path, tiny_model
 
     config = load_config(None, [f"critique_revise.model={tiny_model_dir}", "critique_revise.limit=12"])
     critique_revise.run(config, tmp_path, backend=ScriptedBackend())
+    (tmp_path / "manifest.json").write_text('{"stages": {}}')  # a run directory (the CLI refuses any other)
     done = _torchrun("sft", "--out", str(tmp_path), "--set", f"sft.model={tiny_model_dir}",
                      "--set", "sft.batch_size=2", "--set", "sft.helpful_max_new_tokens=4", "--set", "sft.max_steps=2",
                      "--set", "sft.save_steps=1", "--set", "sft.device=cpu", cwd=tmp_path)

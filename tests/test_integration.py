@@ -73,6 +73,7 @@ def test_rl_ppo_on_the_embedded_model(tmp_path):
     pm.save_pretrained(pm_dir)
     tokenizer.save_pretrained(pm_dir)
     (tmp_path / "pm" / "metrics.json").write_text(json.dumps({"reward_mean": 0.5, "reward_std": 2.0}))
+    (tmp_path / "manifest.json").write_text('{"stages": {}}')  # a run directory (the CLI refuses any other)
 
     code = main(["rl", "--config", "configs/smollm2-cpu.yaml", "--out", str(tmp_path),
                  "--set", f"rl.policy={policy}", "--set", "rl.algo=ppo", "--set", "rl.steps=2",

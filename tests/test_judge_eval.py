@@ -145,7 +145,7 @@ def test_judge_eval_measures_a_model_judge_through_a_fake_server(tmp_path, tiny_
 # (thresholds fitted on dev, measured on test). It is a poor judge: on 120 test answers, coherent accuracy 0.74
 # dev-fitted (0.68 at 0.5), harmful F1 0.42 at 0.5, declines below chance (BENCHMARKS.md, "Judges, measured").
 # The floor only catches a judge that stopped reading the answer (saying "coherent" to all scores about 0.3).
-EMBEDDED_ANSWERS = 40
+EMBEDDED_ANSWERS = 24
 EMBEDDED_ACCURACY_FLOOR = {"coherent": 0.5}
 
 

@@ -176,14 +176,15 @@ def test_the_verdict_judge_through_vllm_reads_what_the_in_process_judge_reads(vl
     from constitutional.evaluation.graded import load_graded
     from constitutional.evaluation.judges import ModelJudge
 
-    answers = load_graded("test")[:6]
+    test = load_graded("test")
+    answers = [test[0], test[len(test) // 2], test[-1]]  # a helpful answer and red-team ones
     items = [(a.prompt, a.response, a.kind) for a in answers]
     local = ModelJudge(load_backend(NAME, batch_size=8, device="cpu"), NAME).probabilities(items)
     served = ModelJudge(load_backend(json.loads(vllm.spec())), NAME).probabilities(items)
     for a, b in zip(local, served, strict=True):
         assert set(a) == set(b)
         assert all(abs(a[f] - b[f]) < 0.02 for f in a)
-    assert main(["judge-eval", "--out", str(tmp_path), "--judges", "model", "--sets", "graded", "--limit", "8",
+    assert main(["judge-eval", "--out", str(tmp_path), "--judges", "model", "--sets", "graded", "--limit", "3",
                  "--set", f"evaluate.judge={vllm.spec()}"]) == 0
     results = json.loads((tmp_path / "judge_eval" / "results-test.json").read_text())
     assert results["judges"]["model"]["model"] == NAME and results["judges"]["model"]["graded"]["fields"]

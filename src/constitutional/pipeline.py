@@ -250,6 +250,9 @@ def check_upstream(config: PipelineConfig, out: Path, stages: list[str]) -> None
         if "sft" not in stages:
             check_model_spec(c.pm.base or sft_model, "pm.base")
     if "rl" in stages:
+        from constitutional.stages.rl import check_processes
+
+        check_processes(c.rl)
         if "sft" not in stages:
             check_model_spec(c.rl.policy or sft_model, "rl.policy")
         pm_dir = Path(c.rl.reward_model or out / "pm" / "model")

@@ -201,15 +201,20 @@ def normalise_batch(values: list[float]) -> list[float]:
 # ------------------------------------------------------------------ the stage
 
 
+def check_processes(cfg: RlConfig) -> None:
+    """PPO (``ppo.py``) runs in one process; refuse a multi-process launch before anything starts."""
+    if cfg.algo == "ppo" and world_size() > 1:
+        raise CaiError(f"rl.algo ppo runs in one process (ppo.py shards nothing), not {world_size()}: "
+                       f"under accelerate launch or torchrun use rl.algo=rloo (TRL's trainer)")
+
+
 def run(config: PipelineConfig, out_dir: str | Path, reward_fn: RewardFn | None = None,
         on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Run stage 5. ``reward_fn`` replaces the PM (tests use a synthetic reward); ``on_step(step,
     metrics)`` is called after each step's metrics are written."""
     cfg = config.rl
     cfg.check()
-    if cfg.algo == "ppo" and world_size() > 1:
-        raise CaiError(f"rl.algo ppo runs in one process (ppo.py shards nothing), not {world_size()}: "
-                       f"under accelerate launch or torchrun use rl.algo=rloo (TRL's trainer)")
+    check_processes(cfg)
     out_dir = Path(out_dir)
     stage_dir = out_dir / STAGE_DIR
     # Check every input before loading a model.
