@@ -273,6 +273,12 @@ CASES = [
     ("label feedback server unreachable", lambda c: ["label", "--out", c.new_out(), "--set",
                                                      f"label.policy={c.tiny}", "--set",
                                                      f"label.feedback_model={c.server()}"], "label.feedback_model"),
+    ("label falls back to an unreachable critique server", lambda c: [
+        "label", "--out", c.new_out(), "--set", f"label.policy={c.tiny}", "--set",
+        f"critique_revise.model={c.server()}"], "label.feedback_model"),
+    ("direct reward from an unreachable server", lambda c: [
+        "rl", "--out", c.new_out(), "--set", f"rl.policy={c.tiny}", "--set", "rl.reward=direct", "--set",
+        f"rl.feedback_model={c.server()}"], "rl.feedback_model"),
     ("judge server unreachable", lambda c: ["evaluate", "--out", c.new_out(), "--set",
                                             f"evaluate.judge={c.server()}"], "evaluate.judge"),
     ("api key unset", lambda c: ["critique-revise", "--out", c.new_out(), "--set",

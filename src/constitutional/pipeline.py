@@ -188,8 +188,9 @@ def validate_inputs(config: PipelineConfig, stages: list[str]) -> None:
 
         if "sft" not in stages:  # else the policy may be the model this run's sft is about to write
             check_model(c.label.policy, "label.policy")
-        if "sft" not in stages or as_server_spec(c.label.feedback_model) is not None:  # may be this run's sft/model
-            check_model(c.label.feedback_model, "label.feedback_model")
+        feedback_spec = c.label.feedback_model or c.critique_revise.model  # null: the critique model
+        if "sft" not in stages or as_server_spec(feedback_spec) is not None:  # may be this run's sft/model
+            check_model(feedback_spec, "label.feedback_model")
 
         load_prompts(c.label.prompts, c.label.split, c.label.limit)
         if c.label.helpful_prompts:
@@ -203,6 +204,9 @@ def validate_inputs(config: PipelineConfig, stages: list[str]) -> None:
             if path:
                 load_comparisons(Path(path))
     if "rl" in stages:
+        reward_spec = c.rl.feedback_model or c.label.feedback_model or c.critique_revise.model
+        if c.rl.reward == "direct" and as_server_spec(reward_spec) is not None:
+            check_model(reward_spec, "rl.feedback_model")
         load_prompts(c.rl.prompts, "train", c.rl.limit)
         if c.rl.helpful_prompts:
             load_prompts(c.rl.helpful_prompts, "train")
