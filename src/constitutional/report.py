@@ -66,10 +66,8 @@ def _read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
 def _image(run: Path, name: str, alt: str) -> str:
     """A PNG of the run embedded as data; a symlink, or anything that is not a PNG inside the run, is left out
     (a run directory someone sent is data: the report never reads files outside it)."""
-    path = run / name
-    if path.is_symlink() or any((run / p).is_symlink() for p in Path(name).parents if str(p) != "."):
-        return ""
-    if not path.is_file() or not path.resolve().is_relative_to(run.resolve()):
+    path = run / name  # name: STAGE/FILE.png
+    if _linked(path) or not path.is_file() or not path.resolve().is_relative_to(run.resolve()):
         return ""
     data = path.read_bytes()
     if not data.startswith(b"\x89PNG\r\n\x1a\n"):
