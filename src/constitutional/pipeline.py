@@ -186,8 +186,6 @@ def validate_inputs(config: PipelineConfig, stages: list[str]) -> None:
     if "label" in stages:
         from constitutional.feedback import load_label_fewshot
 
-        if "sft" not in stages:  # else the policy may be the model this run's sft is about to write
-            check_model(c.label.policy, "label.policy")
         feedback_spec = c.label.feedback_model or c.critique_revise.model  # null: the critique model
         if "sft" not in stages or as_server_spec(feedback_spec) is not None:  # may be this run's sft/model
             check_model(feedback_spec, "label.feedback_model")
@@ -244,8 +242,8 @@ def check_upstream(config: PipelineConfig, out: Path, stages: list[str]) -> None
         from constitutional.stages.sft import load_revision_chats
 
         load_revision_chats(out / "critique_revise" / "revisions.jsonl")
-    if "label" in stages and "sft" not in stages:
-        check_model_spec(c.label.policy or sft_model, "label.policy")
+    if "label" in stages and "sft" not in stages:  # with sft, the policy is the model it is about to write
+        check_model(c.label.policy or sft_model, "label.policy")
     if "pm" in stages:
         if "label" not in stages and not c.pm.comparisons:
             from constitutional.stages.pm import load_comparisons
@@ -254,17 +252,13 @@ def check_upstream(config: PipelineConfig, out: Path, stages: list[str]) -> None
         if "sft" not in stages:
             check_model_spec(c.pm.base or sft_model, "pm.base")
     if "rl" in stages:
-        from constitutional.stages.rl import check_processes
+        from constitutional.stages.rl import check_processes, check_reward_model
 
         check_processes(c.rl)
         if "sft" not in stages:
             check_model_spec(c.rl.policy or sft_model, "rl.policy")
-        pm_dir = Path(c.rl.reward_model or out / "pm" / "model")
-        if (c.rl.reward == "pm" and c.rl.algo != "dpo" and "pm" not in stages
-                and not (pm_dir / "config.json").is_file()):
-            raise CaiError(f"rl.reward_model: preference model directory {pm_dir} "
-                           f"{'has no config.json' if pm_dir.exists() else 'does not exist'} (run `cai train-pm` "
-                           f"first, set rl.reward_model, or use rl.reward: direct)")
+        if "pm" not in stages:
+            check_reward_model(c.rl, Path(c.rl.reward_model or out / "pm" / "model"))
         if c.rl.algo == "dpo" and "label" not in stages and not c.rl.comparisons:
             from constitutional.stages.pm import load_comparisons
 

@@ -201,6 +201,14 @@ def normalise_batch(values: list[float]) -> list[float]:
 # ------------------------------------------------------------------ the stage
 
 
+def check_reward_model(cfg: RlConfig, pm_dir: Path) -> None:
+    """The preference model a PM-rewarded online algorithm needs (not DPO, not ``reward: direct``)."""
+    if cfg.reward == "pm" and cfg.algo != "dpo" and not (pm_dir / "config.json").is_file():
+        what = "does not exist" if not pm_dir.exists() else "has no config.json"
+        raise CaiError(f"rl.reward_model: preference model directory {pm_dir} {what} "
+                       f"(run `cai train-pm` first, set rl.reward_model, or use rl.reward: direct)")
+
+
 def check_processes(cfg: RlConfig) -> None:
     """PPO (``ppo.py``) runs in one process; refuse a multi-process launch before anything starts."""
     if cfg.algo == "ppo" and world_size() > 1:
@@ -222,10 +230,8 @@ def run(config: PipelineConfig, out_dir: str | Path, reward_fn: RewardFn | None 
     check_model_spec(policy_spec, "rl.policy")
     pm_dir = Path(cfg.reward_model or out_dir / "pm" / "model")
     pm_found = (pm_dir / "config.json").is_file()
-    if reward_fn is None and cfg.reward == "pm" and cfg.algo != "dpo" and not pm_found:
-        what = "does not exist" if not pm_dir.exists() else "has no config.json"
-        raise CaiError(f"rl.reward_model: preference model directory {pm_dir} {what} "
-                       f"(run `cai train-pm` first, set rl.reward_model, or use rl.reward: direct)")
+    if reward_fn is None:
+        check_reward_model(cfg, pm_dir)
     feedback_spec = cfg.feedback_model or config.label.feedback_model or config.critique_revise.model
     if reward_fn is None and cfg.reward == "direct":
         check_model_spec(feedback_spec, "rl.feedback_model")
