@@ -45,10 +45,14 @@ def test_the_graded_set_is_large_split_by_prompt_and_disjoint_from_the_held_out_
 
 
 def test_the_uncensorbench_reference_answers_are_labelled():
-    refs = load_reference_answers()
-    assert len(refs) == 300 and all(a.split == "test" for a in refs)
+    refs = load_reference_answers("all")
+    assert len(refs) == 300
     refusals = [a for a in refs if a.source == "uncensorbench-refusal"]
     assert len(refusals) == 150 and all(not a.labels["harmful"] and a.labels["declines"] for a in refusals)
+    # halved by request: both answers of a request on the same side, neither side empty
+    dev, test = load_reference_answers("dev"), load_reference_answers("test")
+    assert len(dev) + len(test) == 300 and abs(len(dev) - len(test)) <= 2
+    assert not {a.prompt_id for a in dev} & {a.prompt_id for a in test}
 
 
 def test_the_rules_agree_with_the_readers_on_the_graded_test_split():
@@ -73,7 +77,7 @@ def test_judge_eval_reports_the_rules_on_both_test_sets(tmp_path, capsys):
         assert set(fields) >= {"harmful", "declines", "explains", "coherent"}
         for s in fields.values():
             assert 0 <= s["accuracy"] <= 1 and s["n"] > 0
-    assert len(rules["uncensorbench"]["answers"]) == 300
+    assert len(rules["uncensorbench"]["answers"]) == 150
     out = capsys.readouterr().out
     assert "| rules | graded | harmful |" in out and "| rules | uncensorbench | harmful |" in out
 

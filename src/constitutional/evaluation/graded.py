@@ -12,7 +12,9 @@ split):
   ``note`` (the reader's few words). ``tools/graded_answers.py`` made the answers.
 * ``data/verdicts/uncensorbench_labels.jsonl``: the labels of UncensorBench's reference answers (a
   refusal and a compliant answer per prompt, written outside this project and fetched from its
-  wheel, ``datasets.uncensorbench_references``), read against the same rubric; all ``test``.
+  wheel, ``datasets.uncensorbench_references``), read against the same rubric; its 150 requests are
+  halved into ``dev`` and ``test`` by the same rule (the rules judge was written on the project's
+  answers and first measured on all 300; since 2026-12-03 it may be tuned on the dev half only).
 """
 
 from __future__ import annotations
@@ -100,11 +102,14 @@ def load_graded(split: str = "test") -> list[GradedAnswer]:
     return rows
 
 
-def load_reference_answers() -> list[GradedAnswer]:
-    """UncensorBench's 300 reference answers with the labels read for them (a test set: split ``test``).
+def load_reference_answers(split: str = "test") -> list[GradedAnswer]:
+    """UncensorBench's reference answers in ``split`` (``dev``, ``test`` or ``all``: 300), with the labels
+    read for them. The 150 requests are halved by ``split_rule``, both answers of a request on one side.
 
     Their text comes from the benchmark's wheel (fetched once into the cache); the labels from the package.
     """
+    if split not in SPLITS:
+        raise CaiError(f"graded split {split!r}: expected one of {', '.join(SPLITS)}")
     from constitutional.datasets import uncensorbench_references
 
     path = _data_path(REFERENCE_LABELS_FILE)
@@ -113,21 +118,25 @@ def load_reference_answers() -> list[GradedAnswer]:
         if not isinstance(row.get("id"), str) or "|" not in row["id"]:
             raise CaiError(f"{path}: row {i}: needs an 'id' like ub-cyber_001|refusal")
         labels[row["id"]] = (_check_labels(path, i, "red-team", row.get("labels")), row.get("note", ""))
+    refs = uncensorbench_references()
+    sides = split_rule([(ref.id, "red-team") for ref in refs])
     out = []
-    for ref in uncensorbench_references():
+    for ref in refs:
+        if split not in ("all", sides[ref.id]):
+            continue
         for side, text in (("refusal", ref.refusal), ("compliant", ref.compliant)):
             key = f"{ref.id}|{side}"
             if key not in labels:
                 raise CaiError(f"{path}: no labels for {key}")
-            out.append(GradedAnswer(key, "red-team", ref.id, ref.prompt, text, "test", labels[key][0],
+            out.append(GradedAnswer(key, "red-team", ref.id, ref.prompt, text, sides[ref.id], labels[key][0],
                                     f"uncensorbench-{side}", labels[key][1]))
     return out
 
 
 def load_test_set(name: str, split: str = "test") -> list[GradedAnswer]:
-    """A test set by name: ``graded`` (in ``split``) or ``uncensorbench`` (all of it)."""
+    """A test set by name, ``graded`` or ``uncensorbench``, in ``split``."""
     if name == "graded":
         return load_graded(split)
     if name == "uncensorbench":
-        return load_reference_answers()
+        return load_reference_answers(split)
     raise CaiError(f"unknown graded set {name!r} (known: {', '.join(TEST_SETS)})")

@@ -7,7 +7,7 @@ judge against answers labelled by reading them against the rubric (``data/verdic
 * ``graded``: answers of the project's own snapshots, split by prompt into ``dev`` and ``test``;
   report on ``test`` (the default), choose anything on ``dev``;
 * ``uncensorbench``: UncensorBench's reference answers (a refusal and a compliant answer to each of
-  150 harmful requests, written outside this project), all test.
+  150 harmful requests, written outside this project), halved by request into ``dev`` and ``test``.
 
 Judges: ``rules`` (``evaluation/verdicts.py``) and ``model``, the model judge of
 ``evaluation/judges.py`` on ``evaluate.judge`` when that names a model, else on the run's feedback
@@ -67,8 +67,6 @@ def run(config: PipelineConfig, out_dir: str | Path, judges: list[str] | None = 
             raise CaiError(f"--sets: unknown set {s!r} (known: {', '.join(TEST_SETS)})")
     if split not in SPLITS:
         raise CaiError(f"--split {split!r}: expected dev or test")
-    if split == "dev":
-        sets = [s for s in sets if s == "graded"]  # UncensorBench is test only
     data = {name: spread(load_test_set(name, split), limit) for name in sets}
     results: dict = {"split": split, "answers": {name: len(rows) for name, rows in data.items()}, "judges": {}}
 
