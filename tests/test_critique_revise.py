@@ -243,3 +243,56 @@ def test_follows_candidates_continue_the_constitutions_openings(tmp_path):
     assert follows == [join_opening(o, "SAFE: call a locksmith.") for o in openings[:3]]
     prefilled = [chat for chats, _ in backend.calls for chat in chats if chat[0]["role"] == "system"]
     assert all(chat[-1]["role"] == "assistant" and chat[-1]["content"] in openings for chat in prefilled)
+
+
+def _filter_responder(revision: str, follows: str):
+    """Initial answer: decline then comply; revision and answers under a follows prompt as given."""
+    from tests.fakes import default_responder
+
+    def respond(chat):
+        prompt = next(m["content"] for m in chat if m["role"] == "user")
+        if chat[0]["role"] == "system":
+            return follows
+        answer = default_responder(chat)
+        if answer.startswith("I won't"):
+            return revision
+        if answer.startswith("Sure"):
+            return f"I can't help with that, but here's how. 1. {prompt} 2. Then you repeat it."
+        return answer
+    return respond
+
+
+CLEAN = "I won't help with that. It is illegal and could hurt someone. Please talk to someone you trust. Then y"
+LOOP = "I can't help with that, but I can help you with that. I can help you with that. I can help you with that."
+
+
+def test_the_target_filter_drops_decline_then_comply_and_loops_and_keeps_a_clean_decline(tmp_path):
+    backend = ScriptedBackend(_filter_responder(revision=CLEAN, follows=LOOP))
+    summary = critique_revise.run(_config(limit=2, rounds=1, target_filter=True), tmp_path, backend=backend)
+    for row in read_jsonl(tmp_path / "critique_revise" / "revisions.jsonl"):
+        target = row["target"]
+        assert target["kept"] == {"source": "round-1-revision", "tier": "declines-and-explains", "trimmed": True}
+        # trimmed to the shortest prefix of whole sentences that declines with a reason
+        assert row["messages"][1]["content"] == "I won't help with that. It is illegal and could hurt someone."
+        initial = next(c for c in target["candidates"] if c["source"] == "initial")
+        assert initial["tier"] is None and "decline-then-comply" in initial["reasons"]
+        assert target["resampled"] == 0 and row["degenerate"] is None
+    assert summary["targets"]["declines-and-explains"] == 2 and summary["targets"]["no-clean-target"] == 0
+
+
+def test_the_target_filter_resamples_then_flags_a_prompt_with_no_clean_candidate(tmp_path):
+    # the revision loops; four answers under the follows prompt are clean declines
+    backend = ScriptedBackend(_filter_responder(revision=LOOP, follows=CLEAN))
+    critique_revise.run(_config(limit=1, rounds=1, target_filter=True, follows_openings=False), tmp_path,
+                        backend=backend)
+    (row,) = read_jsonl(tmp_path / "critique_revise" / "revisions.jsonl")
+    assert row["target"]["resampled"] == 4 and row["target"]["kept"]["source"] == "filter-follows"
+    loop = next(c for c in row["target"]["candidates"] if c["source"] == "round-1-revision")
+    assert loop["tier"] is None and "loop" in loop["reasons"]
+    # nothing passes anywhere: the row is kept for the audit trail, flagged, and SFT leaves it out
+    backend = ScriptedBackend(_filter_responder(revision=LOOP, follows=LOOP))
+    summary = critique_revise.run(_config(limit=1, rounds=1, target_filter=True, follows_openings=False),
+                                  tmp_path / "none", backend=backend)
+    (row,) = read_jsonl(tmp_path / "none" / "critique_revise" / "revisions.jsonl")
+    assert row["degenerate"] == "no-clean-target" and row["target"]["kept"] is None
+    assert summary["targets"]["no-clean-target"] == 1 and summary["degenerate_rows"] == 1

@@ -193,3 +193,33 @@ def test_rlcd_rescored_pairs_are_judged_by_contrast(tmp_path, tiny_model_dir):
     for row in rows:  # contrast scores +0.5 vs -0.5 at T = 0.5: p = sigmoid(2)
         assert row["rescored"] is True and row["p_chosen"] == pytest.approx(0.880797, abs=1e-5)
         assert row["chosen"][0]["content"] == "SAFE no" and row["scores"][0]["s_a"] == 0.5
+
+
+def test_the_target_filter_resamples_a_follows_answer_that_loops_and_trims_the_chosen_side(tmp_path, tiny_model_dir):
+    from constitutional.constitution import load_constitution
+
+    follows = {p.follows for p in load_constitution("default").feedback_principles}
+    loop = "I can't help with that, but I can help you with that. I can help you with that. I can help you with that."
+    clean = "I won't help with that. It is illegal and could hurt someone. Please talk to someone you trust. And"
+    seen = {"follows": 0}
+
+    def respond(chat):
+        if chat[0]["content"] in follows:
+            seen["follows"] += 1
+            return loop if seen["follows"] <= 3 else clean  # the first answer of each of 3 prompts loops
+        return "Sure. First you buy the parts, then you put them together."
+
+    config = _config(tiny_model_dir, "label.method=rlcd", "label.limit=3", "label.target_filter=true")
+    summary = label.run(config, tmp_path, policy_backend=ScriptedBackend(respond), feedback_backend=ContrastFake())
+    rows = read_jsonl(tmp_path / "label" / "comparisons.jsonl")
+    assert len(rows) == 3 and summary["filtered_prompts_skipped"] == 0
+    for row in rows:
+        assert row["chosen"][0]["content"] == "I won't help with that. It is illegal and could hurt someone."
+        first, *again = row["target"]["candidates"]
+        assert first["tier"] is None and "loop" in first["reasons"] and len(again) == 4
+        assert row["target"]["kept"]["source"] == "filter-follows"
+    # nothing passes: no pair for the prompt, counted
+    summary = label.run(_config(tiny_model_dir, "label.method=rlcd", "label.limit=2", "label.target_filter=true"),
+                        tmp_path / "none", policy_backend=ScriptedBackend(lambda chat: loop),
+                        feedback_backend=ContrastFake())
+    assert summary["filtered_prompts_skipped"] == 2 and summary["rows"] == 0

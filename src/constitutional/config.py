@@ -119,6 +119,15 @@ class CritiqueReviseConfig:
     feedback_model: the model that scores candidates (None: the same as ``model``).
     follows_openings: follows candidates continue the constitution's ``openings`` for their principle's kind
         (the i-th candidate the i-th opening), when it lists some.
+    target_filter: keep as the SFT target only a candidate (initial response, revision or follows answer)
+        that the rules judge reads as harmless and coherent, a decline with a reason first, trimmed to
+        its best whole sentences (``evaluation/targets.py``); the row's ``target`` says why each
+        candidate was kept or dropped, and a row with no passing candidate is flagged and left out.
+    target_sentences: with the filter, a red-team target is cut to at most this many whole sentences
+        (None: not cut; a sentence cut off by the token budget is always dropped).
+    filter_candidates: with the filter, answers sampled under the follows prompt (the principle's, with
+        openings as above) for a prompt none of whose candidates declines with a reason, before its best
+        is kept or, if none passes at all, it is left out (rejection sampling; 0: none).
     """
 
     model: ModelSpec = DEFAULT_MODEL
@@ -140,6 +149,9 @@ class CritiqueReviseConfig:
     follows_candidates: int = 0
     feedback_model: str | None = None
     follows_openings: bool = True
+    target_filter: bool = False
+    target_sentences: int | None = 3
+    filter_candidates: int = 4
 
     def check(self) -> None:
         _require(self.rounds >= 1, "critique_revise.rounds", "must be at least 1")
@@ -274,6 +286,14 @@ class LabelConfig:
     rlcd_openings: rlcd: each follows answer continues one of the constitution's ``openings`` for its
         principle's kind (as stage 1's follows candidates do), so a small model that never refuses
         unprompted still gives a principled answer to prefer; the opening is kept in the row.
+    target_filter: rlcd: the follows answer becomes the chosen side only if the rules judge reads it as
+        a reader would accept (on red-team prompts harmless and coherent, trimmed to at most
+        ``target_sentences`` whole sentences; on helpful prompts helpful and coherent), as stage 1's
+        filter does (``evaluation/targets.py``); else ``filter_candidates`` more follows answers are
+        sampled, and a prompt with none that passes gives no pair (counted in the summary).
+    target_sentences: with the filter, the chosen side on a red-team prompt is cut to at most this many
+        whole sentences (None: not cut).
+    filter_candidates: with the filter, follows answers sampled again for a prompt whose first fails.
     """
 
     policy: ModelSpec | None = None
@@ -305,6 +325,9 @@ class LabelConfig:
     rlcd_p_chosen: float = 0.9
     rlcd_rescore: bool = False
     rlcd_openings: bool = False
+    target_filter: bool = False
+    target_sentences: int | None = 3
+    filter_candidates: int = 4
 
     def check(self) -> None:
         from constitutional.feedback import CONTRAST_CONTEXTS, METHODS
@@ -312,6 +335,8 @@ class LabelConfig:
         methods = (*METHODS, "rlcd")
         _require(self.method in methods, "label.method", f"must be one of {', '.join(methods)}")
         _require(0.5 <= self.rlcd_p_chosen <= 1, "label.rlcd_p_chosen", "must be in [0.5, 1]")
+        _require(not self.target_filter or self.method == "rlcd", "label.target_filter",
+                 "needs method: rlcd (it filters the follows answer that becomes the chosen side)")
         _require(self.ensemble >= 1, "label.ensemble", "must be at least 1")
         _require(self.fewshot >= 0, "label.fewshot", "must be 0 or more")
         _require(0 <= self.cot_min <= 0.5 <= self.cot_max <= 1, "label.cot_min",
@@ -718,7 +743,7 @@ POSITIVE = frozenset({
     "epochs", "ppo_epochs", "learning_rate", "max_length", "lora_r", "lora_alpha", "prompts_per_step",
     "rloo_generations", "bootstrap_samples", "judge_pairs", "timeout", "max_in_flight",
     "gradient_accumulation_steps", "ensemble", "contrast_max_tokens", "top_p", "candidates",
-    "initial_candidates", "helpful_candidates", "contrast_temperature"})
+    "initial_candidates", "helpful_candidates", "contrast_temperature", "target_sentences"})
 
 
 def _check_number(value, key: str) -> None:

@@ -52,6 +52,7 @@ class RevisionRow:
     category: str | None = None
     degenerate: str | None = None
     initial_candidates: list[dict] | None = None  # with initial selection: every candidate and its score
+    target: dict | None = None  # with the target filter: what was kept and why each candidate was dropped
 
     def to_dict(self) -> dict:
         return asdict(self)

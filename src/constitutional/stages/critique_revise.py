@@ -30,6 +30,14 @@ current response wins ties, and a round where it stays best records ``kept-curre
 the feedback principle its SL principle names (``feedback:`` in the constitution), else a
 harmless one drawn at random. Every candidate, its source and its score is kept in the row.
 
+Target filter (``target_filter``, beyond the paper; issue: a small model's candidates often decline and
+then comply, or loop, and it learns both): every candidate of a prompt is read by the rules judge and
+the target is the best that a reader would accept, a decline with a reason first, trimmed to at most
+``target_sentences`` whole sentences (``evaluation/targets.py``). A prompt with none that declines with
+a reason gets ``filter_candidates`` more answers under the follows prompt; if nothing passes even then,
+the row is flagged ``no-clean-target`` and stage 2 leaves it out. The row's ``target`` records every candidate's
+reading.
+
 Run:
     cai critique-revise --config configs/smollm2-cpu.yaml --out runs/demo
     cai critique-revise --out runs/x --set critique_revise.limit=8 --set critique_revise.rounds=1
@@ -140,12 +148,12 @@ def run(config: PipelineConfig, out_dir: str | Path, backend: Backend | None = N
     constitution = load_constitution(config.constitution)
     constitution.require_sl()
     select = selecting(cfg)
-    if select:
+    if select or (cfg.target_filter and cfg.filter_candidates):
         from constitutional import feedback
 
         if not any(p.kind == "harmless" for p in constitution.feedback_principles):
-            raise CaiError(f"constitution {constitution.name!r}: selection (critique_revise.candidates) scores "
-                           f"with feedback principles of kind 'harmless', and it has none")
+            raise CaiError(f"constitution {constitution.name!r}: selection (critique_revise.candidates) and the "
+                           f"target filter's resampling use feedback principles of kind 'harmless', and it has none")
         feedback.check_contrast_principles(constitution.feedback_principles)
         if cfg.feedback_model:
             check_model_spec(cfg.feedback_model, "critique_revise.feedback_model")
@@ -170,7 +178,7 @@ def run(config: PipelineConfig, out_dir: str | Path, backend: Backend | None = N
     for p in todo:
         principles = sample_principles(constitution.sl_principles, cfg.rounds, config.seed, p.id)
         plan = _Plan(p, principles, fewshot)
-        if select:
+        if select or cfg.target_filter:
             plan.scorers, plan.initial_scorer = scoring_principles(constitution, principles, config.seed, p.id)
         plans.append(plan)
     tokens = 0
@@ -282,14 +290,18 @@ def _revise_chunk(chunk: list[_Plan], cfg, seed: int, backend: Backend, on_batch
         return SamplingParams(max_new_tokens=budget, temperature=cfg.temperature, top_p=cfg.top_p,
                               seed=_call_seed(seed, key, step))
 
-    def follows_answers(principles: list[FeedbackPrinciple], step: str) -> list[list[str]]:
-        """``follows_candidates`` answers per prompt, sampled under the scoring principle's follows prompt;
-        the i-th continues the constitution's i-th opening for the principle's kind, if it lists any."""
-        m = cfg.follows_candidates if select else 0
-        if not m:
-            return [[] for _ in chunk]
+    def follows_answers(principles: list[FeedbackPrinciple], step: str, m: int | None = None,
+                        rows: list[int] | None = None) -> list[list[str]]:
+        """``m`` answers (default ``follows_candidates``) per prompt of ``rows`` (default: all), sampled
+        under the scoring principle's follows prompt; the i-th continues the constitution's i-th opening
+        for the principle's kind, if it lists any."""
+        m = (cfg.follows_candidates if select else 0) if m is None else m
+        rows = list(range(len(chunk))) if rows is None else rows
+        if not m or not rows:
+            return [[] for _ in rows]
         chats, starts = [], []
-        for j, p in enumerate(chunk):
+        for j in rows:
+            p = chunk[j]
             kind_openings = openings.get(principles[j].kind, ()) if cfg.follows_openings else ()
             for i in range(m):
                 chat = [{"role": "system", "content": principles[j].follows}, {"role": "user", "content": p.row.prompt}]
@@ -301,7 +313,7 @@ def _revise_chunk(chunk: list[_Plan], cfg, seed: int, backend: Backend, on_batch
         done = backend.generate(chats, params(cfg.max_new_tokens, step), on_batch)
         out = [join_opening(start, clean_generation(c.text) if not start else c.text)
                for start, c in zip(starts, done, strict=True)]
-        return [out[j * m:(j + 1) * m] for j in range(len(chunk))]
+        return [out[k * m:(k + 1) * m] for k in range(len(rows))]
 
     sys_prompt = cfg.system_prompt
     examples = [[text for ex in p.fewshot for text in (ex.revision, ex.critique, ex.response)] for p in chunk]
@@ -375,6 +387,11 @@ def _revise_chunk(chunk: list[_Plan], cfg, seed: int, backend: Backend, on_batch
             rounds[j].append(Round(principle.id, principle.critique_request, critiques[j],
                                    principle.revision_request, shown, reason, candidates=cands, selected=b))
 
+    targets: list[dict | None] = [None] * len(chunk)
+    if cfg.target_filter:
+        targets = _filter_targets(chunk, cfg, initial_text, initial_sets, rounds, current, examples,
+                                  follows_answers, scorer, contrast)
+
     rows = []
     for j, p in enumerate(chunk):
         usable = [rd for rd in rounds[j] if rd.degenerate is None]
@@ -388,6 +405,11 @@ def _revise_chunk(chunk: list[_Plan], cfg, seed: int, backend: Backend, on_batch
         else:
             final = usable[-1].revision if usable else rounds[j][-1].revision
             degenerate = None if usable else rounds[j][-1].degenerate
+        if targets[j] is not None:
+            if targets[j]["kept"] is None:
+                degenerate = "no-clean-target"  # kept for the audit trail; stage 2 leaves it out
+            else:
+                final, degenerate = targets[j]["text"], None
         rows.append(RevisionRow(
             id=p.row.id,
             prompt=p.row.prompt,
@@ -400,8 +422,59 @@ def _revise_chunk(chunk: list[_Plan], cfg, seed: int, backend: Backend, on_batch
             category=p.row.category,
             degenerate=degenerate,
             initial_candidates=initial_sets[j],
+            target=targets[j],
         ))
     return rows
+
+
+def _filter_targets(chunk: list[_Plan], cfg, initial_text, initial_sets, rounds, current, examples,
+                    follows_answers, scorer, contrast) -> list[dict]:
+    """The target filter (``target_filter``): each prompt's candidates read by the rules judge, the best
+    kept (``evaluation/targets.py``); for prompts none of whose candidates passes, ``filter_candidates``
+    more answers under the follows prompt, then the same choice. One record per prompt for its row."""
+    from constitutional.evaluation.targets import TIERS, choose_target
+
+    pools: list[list[dict]] = []
+    for j in range(len(chunk)):
+        if initial_sets[j] is not None:
+            pool = [{**c, "source": f"initial-{c['source']}"} for c in initial_sets[j]]
+        else:
+            pool = [{"text": initial_text[j], "source": "initial", "score": None, "degenerate": None}]
+        for r, rd in enumerate(rounds[j]):
+            if rd.candidates:
+                pool += [{**c, "source": f"round-{r + 1}-{c['source']}"} for c in rd.candidates[1:]]
+            else:
+                pool.append({"text": rd.revision, "source": f"round-{r + 1}-revision", "score": None,
+                             "degenerate": rd.degenerate})
+        if not any(c["text"] == current[j] for c in pool):
+            pool.append({"text": current[j], "source": "final", "score": None, "degenerate": None})
+        pools.append(pool)
+    choices = [choose_target(p.row.prompt, pool, "red-team", cfg.target_sentences) for p, pool in zip(chunk, pools,
+                                                                                                       strict=True)]
+    # resample where nothing passes, and where nothing declines with a reason (a bare "I can't help with that")
+    failed = [j for j, c in enumerate(choices) if c.tier != TIERS[0]]
+    resampled = dict.fromkeys(range(len(chunk)), 0)
+    if failed and cfg.filter_candidates:
+        extra = follows_answers([chunk[j].initial_scorer for j in failed], "filter-follows", cfg.filter_candidates,
+                                failed)
+        new = []
+        for j, texts in zip(failed, extra, strict=True):
+            cands = [{"text": t, "source": "filter-follows", "score": None,
+                      "degenerate": degenerate_reason(t, "", examples[j])} for t in texts]
+            new.append((chunk[j].row.prompt, chunk[j].initial_scorer, cands))
+            resampled[j] = len(texts)
+        if scorer is not None:
+            _select(scorer, contrast, new)  # fills each candidate's score
+        for j, (_, _, cands) in zip(failed, new, strict=True):
+            pools[j] += cands
+            choices[j] = choose_target(chunk[j].row.prompt, pools[j], "red-team", cfg.target_sentences)
+    records = []
+    for j, choice in enumerate(choices):
+        record = choice.record([c["source"] for c in pools[j]])
+        record["text"] = choice.text
+        record["resampled"] = resampled[j]
+        records.append(record)
+    return records
 
 
 def _summarise(out_path: Path, prompts: list[PromptRow], written_now: int, skipped: list[str],
@@ -420,12 +493,24 @@ def _summarise(out_path: Path, prompts: list[PromptRow], written_now: int, skipp
         "rounds": sum(len(r["rounds"]) for r in rows),
         "degenerate_rounds": dict(round_reasons),
         "principle_use": dict(Counter(pid for r in rows for pid in r["principle_ids"])),
+        # with the target filter: how many targets in each tier, trimmed, resampled, or none passing
+        "targets": _target_counts(rows),
         "tokens_generated_this_run": tokens,
         "seconds_this_run": round(seconds, 2),
         "tokens_per_second": round(tokens / seconds, 2) if seconds > 0 else None,
         "model": model,
         "constitution": list(sources),
     }
+
+
+def _target_counts(rows: list[dict]) -> dict | None:
+    filtered = [r["target"] for r in rows if r.get("target")]
+    if not filtered:
+        return None
+    kept = [t["kept"] for t in filtered if t["kept"]]
+    return {**Counter(k["tier"] for k in kept), "no-clean-target": len(filtered) - len(kept),
+            "trimmed": sum(1 for k in kept if k["trimmed"]),
+            "resampled_rows": sum(1 for t in filtered if t.get("resampled"))}
 
 
 def _log(message: str) -> None:

@@ -87,6 +87,7 @@ def run(config: PipelineConfig, out_dir: str | Path, policy_backend=None, feedba
 
     start = time.time()
     identical = 0
+    filtered = 0
     written = 0
     temperature = cfg.contrast_temperature
     if todo:
@@ -123,18 +124,27 @@ def run(config: PipelineConfig, out_dir: str | Path, policy_backend=None, feedba
                 pairs = []
                 texts = [join_opening(start, r.text) if start else r.text for start, r in zip(starts, responses,
                                                                                               strict=True)]
+                targets: list[dict | None] = [None] * len(chunk)
+                if cfg.target_filter:
+                    targets = _filter_chosen(chunk, cfg, texts, chats, starts, policy_backend, seed)
                 for j, (p, kind) in enumerate(chunk):
                     a, b = texts[2 * j], texts[2 * j + 1]
+                    if targets[j] is not None:
+                        if targets[j]["kept"] is None:
+                            filtered += 1
+                            continue
+                        a = targets[j]["text"]
                     if a.strip() == b.strip():
                         identical += 1
                         continue
-                    pairs.append((p, kind, a, b, drawn[j]))
+                    pairs.append((p, kind, a, b, drawn[j], targets[j]))
                 if cfg.method == "rlcd":
                     opened = {p.id: (starts[2 * j], starts[2 * j + 1]) for j, (p, _) in enumerate(chunk)}
                     judged = _rlcd_rows(pairs, cfg, feedback_backend, temperature, policy_spec, feedback_spec,
                                         opened)
                 else:
-                    judged = _judge(pairs, cfg, feedback_backend, fewshot, temperature, policy_spec, feedback_spec)
+                    judged = _judge([pair[:5] for pair in pairs], cfg, feedback_backend, fewshot, temperature,
+                                    policy_spec, feedback_spec)
                 for row in judged:
                     writer.append(row)
                     written += 1
@@ -148,6 +158,7 @@ def run(config: PipelineConfig, out_dir: str | Path, policy_backend=None, feedba
         "rows": len(rows),
         "written_this_run": written,
         "identical_pairs_skipped": identical,
+        "filtered_prompts_skipped": filtered,  # target filter: no follows answer a reader would accept
         "method": cfg.method,
         "contrast_temperature": temperature,
         "mean_p_chosen": round(sum(r["p_chosen"] for r in rows) / len(rows), 4) if rows else None,
@@ -244,7 +255,7 @@ def _rlcd_rows(pairs, cfg, backend, temperature, policy_spec: str, feedback_spec
     if not pairs:
         return []
     if cfg.rlcd_rescore:
-        items = [(p.prompt, ps[0], a, b) for p, _, a, b, ps in pairs]
+        items = [(p.prompt, ps[0], a, b) for p, _, a, b, ps, _ in pairs]
         judged = feedback.judge(backend, "contrast", items, **judge_settings(cfg, [], temperature))
         p_as = [j.p_a for j in judged]
         scores = [[j.scores] for j in judged]
@@ -252,7 +263,7 @@ def _rlcd_rows(pairs, cfg, backend, temperature, policy_spec: str, feedback_spec
         p_as = [cfg.rlcd_p_chosen] * len(pairs)
         scores = [[{"p_a_fixed": cfg.rlcd_p_chosen}] for _ in pairs]
     rows = []
-    for (p, kind, a, b, ps), p_a, score in zip(pairs, p_as, scores, strict=True):
+    for (p, kind, a, b, ps, target), p_a, score in zip(pairs, p_as, scores, strict=True):
         a_wins = p_a >= 0.5
         rows.append({
             "id": p.id,
@@ -271,6 +282,7 @@ def _rlcd_rows(pairs, cfg, backend, temperature, policy_spec: str, feedback_spec
             "opening": ((opened or {}).get(p.id) or ("", ""))[0] or None,
             "violates_opening": ((opened or {}).get(p.id) or ("", ""))[1] or None,
             "rescored": cfg.rlcd_rescore,
+            "target": target,  # with the target filter: how the follows answer was read (evaluation/targets.py)
             "cot": None,
             "kind": kind,
             "category": p.category,
@@ -278,6 +290,37 @@ def _rlcd_rows(pairs, cfg, backend, temperature, policy_spec: str, feedback_spec
             "feedback_model": feedback_spec if cfg.rlcd_rescore else None,
         })
     return rows
+
+
+def _filter_chosen(chunk, cfg, texts: list[str], chats: list, starts: list[str], backend, seed: int) -> list[dict]:
+    """The target filter on RLCD's follows answers (``texts[2 j]``): each read by the rules judge; a prompt
+    whose answer fails gets ``filter_candidates`` more under the same follows prompt and opening. One
+    record per prompt (``kept`` None: no pair)."""
+    from constitutional.backends.base import SamplingParams
+    from constitutional.evaluation.targets import choose_target
+
+    def choose(j: int, candidates: list[str]):
+        p, kind = chunk[j]  # the principles' kind: harmless ones judge red-team prompts
+        return choose_target(p.prompt, [{"text": t} for t in candidates], "helpful" if kind == "helpful" else "red-team",
+                             cfg.target_sentences)
+
+    pools = [[texts[2 * j]] for j in range(len(chunk))]
+    choices = [choose(j, pools[j]) for j in range(len(chunk))]
+    failed = [j for j, c in enumerate(choices) if c.index is None]
+    if failed and cfg.filter_candidates:
+        k = cfg.filter_candidates
+        again = backend.generate([chats[2 * j] for j in failed for _ in range(k)], SamplingParams(
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed + 1))
+        for n, j in enumerate(failed):
+            start = starts[2 * j]
+            pools[j] += [join_opening(start, r.text) if start else r.text for r in again[n * k:(n + 1) * k]]
+            choices[j] = choose(j, pools[j])
+    records = []
+    for j, choice in enumerate(choices):
+        record = choice.record(["follows"] + ["filter-follows"] * (len(pools[j]) - 1))
+        record["text"] = choice.text
+        records.append(record)
+    return records
 
 
 def judge_settings(cfg, fewshot, temperature) -> dict:
