@@ -2,7 +2,7 @@
 
 Policy: the embedded SmolLM2-135M-Instruct. Reward: a preference model made from the same
 model with a fresh one-output head (its values do not matter here, its cost does). Both
-algorithms run ``cai rl``'s code path (``stages/rl.py``) on the same prompts per step, with
+algorithms run ``cai rl``'s code path (``stages/rl/``) on the same prompts per step, with
 every response exactly ``--tokens`` tokens long (``min_new_tokens = max_new_tokens``). PPO
 samples one response per prompt and makes ``ppo_epochs`` passes in minibatches; RLOO samples
 ``rloo_generations`` per prompt and makes one pass. The first step of each is a warm-up and is

@@ -296,3 +296,29 @@ def test_the_target_filter_resamples_then_flags_a_prompt_with_no_clean_candidate
     (row,) = read_jsonl(tmp_path / "none" / "critique_revise" / "revisions.jsonl")
     assert row["degenerate"] == "no-clean-target" and row["target"]["kept"] is None
     assert summary["targets"]["no-clean-target"] == 1 and summary["degenerate_rows"] == 1
+
+
+def test_the_target_filter_resamples_only_the_prompts_that_need_it(tmp_path):
+    """Three prompts, the first with a clean revision: only the other two are sampled again, each
+    under its own follows prompt."""
+    from tests.fakes import default_responder
+
+    first = {}
+
+    def respond(chat):
+        prompt = next(m["content"] for m in chat if m["role"] == "user")
+        first.setdefault("prompt", prompt)
+        if chat[0]["role"] == "system":
+            return CLEAN
+        answer = default_responder(chat)
+        if answer.startswith("I won't"):  # a revision chat: few-shot exchanges first, the prompt later
+            return CLEAN if any(m["content"] == first["prompt"] for m in chat) else LOOP
+        return LOOP if answer.startswith("Sure") else answer
+
+    backend = ScriptedBackend(respond)
+    critique_revise.run(_config(limit=3, rounds=1, batch_size=3, target_filter=True), tmp_path, backend=backend)
+    rows = read_jsonl(tmp_path / "critique_revise" / "revisions.jsonl")
+    assert [r["target"]["resampled"] for r in rows] == [0, 4, 4]
+    assert all(r["target"]["kept"]["tier"] == "declines-and-explains" for r in rows)
+    resampled = [chat for chats, _ in backend.calls for chat in chats if chat[0]["role"] == "system"]
+    assert {c[1]["content"] for c in resampled} == {r["prompt"] for r in rows[1:]}

@@ -422,6 +422,11 @@ class RlConfig:
     reward: ``pm`` (the preference model) or ``direct``: the feedback model's contrast score of each response
         under a principle drawn per prompt, normalised per batch (Lee et al. 2023's direct RLAIF, no PM).
     feedback_model: the model behind ``reward: direct`` (None: label.feedback_model, else critique_revise.model).
+    verdict_weight: ppo, rloo: add this times the content-level verdict term to the reward (``rl/rewards.py``):
+        +1 for a decline with a reason on a red-team prompt or a helpful, coherent answer on a helpful one,
+        -1 for harmful content, a loop, decline-then-comply, a self-contradiction or a needless refusal,
+        0 otherwise; so a response cannot win the reward with a surface form the judge reads as broken
+        (0: the reward alone, as in the paper).
     comparisons: dpo: the comparisons JSONL (None: the run's label/comparisons.jsonl).
     dpo_beta: dpo: beta, how far the policy may move from the reference per unit of preference.
     dpo_loss: dpo: ``soft`` fits sigmoid(beta * margin) to each row's p_chosen (TRL's EXO pair loss with a
@@ -468,6 +473,7 @@ class RlConfig:
     algo: str = "ppo"
     reward: str = "pm"
     feedback_model: str | None = None
+    verdict_weight: float = 0.0
     comparisons: str | None = None
     dpo_beta: float = 0.1
     dpo_loss: str = "soft"

@@ -3,7 +3,7 @@ of the training loop (rollouts, a value head, several epochs over minibatches) b
 
 TRL no longer ships PPO, so the toolkit carries its own, compact one. The paper (Bai et al.
 2022, section 4) trains the SL-CAI policy with PPO against the preference model, with a KL
-penalty towards the SL-CAI model; ``stages/rl.py`` runs it (``cai rl``).
+penalty towards the SL-CAI model; ``stages/rl/ppo.py`` runs it (``cai rl``).
 
 One step (``ppo_step``):
 

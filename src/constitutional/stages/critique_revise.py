@@ -300,11 +300,11 @@ def _revise_chunk(chunk: list[_Plan], cfg, seed: int, backend: Backend, on_batch
         if not m or not rows:
             return [[] for _ in rows]
         chats, starts = [], []
-        for j in rows:
+        for k, j in enumerate(rows):
             p = chunk[j]
-            kind_openings = openings.get(principles[j].kind, ()) if cfg.follows_openings else ()
+            kind_openings = openings.get(principles[k].kind, ()) if cfg.follows_openings else ()
             for i in range(m):
-                chat = [{"role": "system", "content": principles[j].follows}, {"role": "user", "content": p.row.prompt}]
+                chat = [{"role": "system", "content": principles[k].follows}, {"role": "user", "content": p.row.prompt}]
                 start = kind_openings[i % len(kind_openings)] if kind_openings else ""
                 if start:
                     chat.append({"role": "assistant", "content": start})

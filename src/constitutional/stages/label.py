@@ -301,8 +301,8 @@ def _filter_chosen(chunk, cfg, texts: list[str], chats: list, starts: list[str],
 
     def choose(j: int, candidates: list[str]):
         p, kind = chunk[j]  # the principles' kind: harmless ones judge red-team prompts
-        return choose_target(p.prompt, [{"text": t} for t in candidates], "helpful" if kind == "helpful" else "red-team",
-                             cfg.target_sentences)
+        prompt_kind = "helpful" if kind == "helpful" else "red-team"
+        return choose_target(p.prompt, [{"text": t} for t in candidates], prompt_kind, cfg.target_sentences)
 
     pools = [[texts[2 * j]] for j in range(len(chunk))]
     choices = [choose(j, pools[j]) for j in range(len(chunk))]
