@@ -70,6 +70,10 @@ def test_rl_config_errors_name_the_key():
         load_config(None, ["rl.algo=reinforce"])
     with pytest.raises(CaiError, match="rl.rloo_generations"):
         load_config(None, ["rl.rloo_generations=1"])
+    with pytest.raises(CaiError, match="rl.verdict_weight"):
+        load_config(None, ["rl.algo=dpo", "rl.verdict_weight=1"])
+    with pytest.raises(CaiError, match="label.target_filter"):
+        load_config(None, ["label.method=contrast", "label.target_filter=true"])
 
 
 # ------------------------------------------------------------------ learning

@@ -514,6 +514,8 @@ class RlConfig:
     def check(self) -> None:
         _require(self.algo in ("ppo", "rloo", "dpo"), "rl.algo", "must be ppo, rloo or dpo")
         _require(self.reward in ("pm", "direct"), "rl.reward", "must be pm or direct")
+        _require(self.verdict_weight == 0 or self.algo != "dpo", "rl.verdict_weight",
+                 "applies to the online algorithms (ppo, rloo); dpo has no reward (use label.target_filter)")
         _require(self.dpo_beta > 0, "rl.dpo_beta", "must be more than 0")
         _require(self.dpo_loss in ("soft", "hard"), "rl.dpo_loss", "must be soft or hard")
         _require(self.dpo_sft_weight >= 0, "rl.dpo_sft_weight", "must be 0 or more")
