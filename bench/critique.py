@@ -70,7 +70,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    config = load_config(args.config)
+    config = load_config(args.config, ["critique_revise.target_filter=false"])  # decoding only, as measured
     cfg = dataclasses.replace(config.critique_revise, rounds=args.rounds, temperature=args.temperature)
     constitution = load_constitution(config.constitution)
     fewshot = pick_fewshot(load_fewshot(cfg.fewshot_file), cfg.fewshot, config.seed, "run")

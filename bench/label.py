@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=48)
     args = parser.parse_args()
 
-    config = load_config(args.config, ["label.method=contrast"])
+    config = load_config(args.config, ["label.method=contrast", "label.target_filter=false"])
     cfg = config.label
     model = cfg.feedback_model or config.critique_revise.model
     new = HFBackend(resolve_model(model), batch_size=cfg.batch_size, device="cpu")

@@ -29,6 +29,7 @@ def tiny_overrides(model: Path) -> list[str]:
         "evaluate.limit": 3, "evaluate.max_new_tokens": 6, "evaluate.sampled": False, "evaluate.judge_pairs": 6,
         "evaluate.bootstrap_samples": 50, "evaluate.batch_size": 8, "evaluate.device": "cpu",
         "label.method": "contrast", "rl.algo": "ppo",  # the paper's pipeline (the demo config uses rlcd + dpo)
+        "label.target_filter": False, "rl.dpo_sft_weight": 0.0,  # rlcd's and dpo's settings in the demo config
         "label.helpful_prompts": "null",
     }
     return [x for k, v in settings.items() for x in ("--set", f"{k}={v}")]

@@ -128,7 +128,8 @@ def test_critique_revise_through_vllm_writes_rows_like_in_process(vllm, tmp_path
 
 
 def test_label_through_vllm_writes_rows_like_in_process(vllm, tmp_path):
-    small = ["--set", "label.limit=2", "--set", "label.max_new_tokens=16", "--set", "label.method=contrast"]
+    small = ["--set", "label.limit=2", "--set", "label.max_new_tokens=16", "--set", "label.method=contrast",
+             "--set", "label.target_filter=false"]
     assert main(["label", "--config", CONFIG, "--out", str(tmp_path / "hf"), *small,
                  "--set", f"label.policy={NAME}"]) == 0
     assert main(["label", "--config", CONFIG, "--out", str(tmp_path / "vllm"), *small,
