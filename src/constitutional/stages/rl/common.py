@@ -186,5 +186,44 @@ def plot_metrics(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def trainer_resume_point(stage_dir: Path, metrics_log: MetricsLog) -> tuple[str | None, int]:
+    """A TRL trainer's last checkpoint under ``rl/trainer/`` (None: start afresh) and its step; metric rows
+    written after that step are dropped, since the resumed run writes them again."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    trainer_dir = stage_dir / "trainer"
+    last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
+    done = int(last.rsplit("-", 1)[1]) if last else 0
+    metrics_log.keep_steps_up_to(done)
+    return last, done
+
+
+def metrics_callback(metrics_log: MetricsLog, on_step, tokenizer, stage_dir: Path, row_of: Callable[[dict], dict]):
+    """A TRL callback that writes ``row_of(logs)`` (plus the step and its seconds) to the metrics log at each
+    logged step, calls ``on_step``, and saves ``rl/checkpoints/step-N`` whenever the trainer saves."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class Log(TrainerCallback):
+        step_start = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.step_start = time.time()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return
+            row = {"step": state.global_step, **row_of(logs), "seconds": round(time.time() - self.step_start, 3)}
+            metrics_log.write(row)
+            if on_step:
+                on_step(state.global_step, row)
+
+        def on_save(self, args, state, control, model=None, **kwargs):
+            save_checkpoint(model, tokenizer, stage_dir / "checkpoints", state.global_step)
+
+    return Log()
+
+
 def log(message: str) -> None:
     print(f"[cai] {message}", file=sys.stderr, flush=True)

@@ -7,54 +7,33 @@ chosen answers."""
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 from constitutional import progress
 from constitutional.config import RlConfig
-from constitutional.stages.rl.common import MetricsLog, log, lora_config, save_checkpoint
+from constitutional.stages.rl.common import MetricsLog, log, lora_config, metrics_callback, trainer_resume_point
 
 
 def run_dpo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, comparisons: list[dict], stage_dir: Path,
              device: str, metrics_log: MetricsLog, on_step) -> tuple[object, int | None]:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, TrainerCallback
-    from transformers.trainer_utils import get_last_checkpoint
+    from transformers import AutoModelForCausalLM
     from trl import DPOConfig
 
     dataset = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
                                   "p_chosen": min(max(r["p_chosen"], 0.5), 0.999)} for r in comparisons])
-    trainer_dir = stage_dir / "trainer"
-    last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
-    done = int(last.rsplit("-", 1)[1]) if last else 0
-    metrics_log.keep_steps_up_to(done)
-
-    class Log(TrainerCallback):
-        step_start = 0.0
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.step_start = time.time()
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "loss" not in logs:
-                return
-            row = {"step": state.global_step, "loss": logs["loss"],
-                   "reward_margin": logs.get("rewards/margins"), "accuracy": logs.get("rewards/accuracies"),
-                   "chosen_reward": logs.get("rewards/chosen"), "rejected_reward": logs.get("rewards/rejected"),
-                   "seconds": round(time.time() - self.step_start, 3)}
-            metrics_log.write(row)
-            if on_step:
-                on_step(state.global_step, row)
-
-        def on_save(self, args, state, control, model=None, **kwargs):
-            save_checkpoint(model, tokenizer, stage_dir / "checkpoints", state.global_step)
+    last, done = trainer_resume_point(stage_dir, metrics_log)
+    log_metrics = metrics_callback(metrics_log, on_step, tokenizer, stage_dir, lambda logs: {
+        "loss": logs["loss"], "reward_margin": logs.get("rewards/margins"),
+        "accuracy": logs.get("rewards/accuracies"), "chosen_reward": logs.get("rewards/chosen"),
+        "rejected_reward": logs.get("rewards/rejected")})
 
     # prompts_per_step pairs an optimizer step, in micro-batches of minibatch_size: the logits of a pair
     # batch (4 sequences x tokens x vocabulary, in float32) are what fills memory
     micro = math.gcd(cfg.prompts_per_step, min(cfg.minibatch_size, cfg.prompts_per_step))
     args = DPOConfig(
-        output_dir=str(trainer_dir), max_steps=cfg.steps, learning_rate=cfg.learning_rate,
+        output_dir=str(stage_dir / "trainer"), max_steps=cfg.steps, learning_rate=cfg.learning_rate,
         lr_scheduler_type="constant", warmup_steps=0, per_device_train_batch_size=micro,
         gradient_accumulation_steps=cfg.prompts_per_step // micro,
         beta=cfg.dpo_beta, **dpo_losses(cfg.dpo_loss, cfg.dpo_sft_weight),
@@ -70,7 +49,7 @@ def run_dpo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, comparisons: 
     log(f"reference log-probabilities of {len(dataset)} pairs")
     with progress.library_bars_off():
         trainer = _soft_dpo_trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                                            callbacks=[progress.trainer_bar("rl (dpo)"), Log()],
+                                            callbacks=[progress.trainer_bar("rl (dpo)"), log_metrics],
                                             peft_config=lora_config(cfg) if cfg.lora else None)
     progress.quiet_trainer(trainer)
     if last:

@@ -4,7 +4,6 @@ plus the verdict term) sits behind ``reward_funcs`` as a function of text."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from constitutional import progress
@@ -15,8 +14,9 @@ from constitutional.stages.rl.common import (
     as_chat,
     log,
     lora_config,
-    save_checkpoint,
+    metrics_callback,
     step_prompts,
+    trainer_resume_point,
 )
 
 
@@ -24,8 +24,7 @@ def run_rloo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, red_team, he
               stage_dir: Path, device: str, metrics_log: MetricsLog, on_step) -> tuple[object, int | None]:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, TrainerCallback
-    from transformers.trainer_utils import get_last_checkpoint
+    from transformers import AutoModelForCausalLM
     from trl import RLOOConfig, RLOOTrainer
 
     schedule = [p for step in range(1, cfg.steps + 1)
@@ -36,37 +35,17 @@ def run_rloo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, red_team, he
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         return reward_fn(prompts, texts)
 
-    trainer_dir = stage_dir / "trainer"
-    last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
-    done = int(last.rsplit("-", 1)[1]) if last else 0
-    metrics_log.keep_steps_up_to(done)
-
-    class Log(TrainerCallback):
-        step_start = 0.0
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.step_start = time.time()
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "loss" not in logs:
-                return
-            row = {"step": state.global_step,
-                   "reward": logs.get("rewards/pm_reward/mean"),
-                   "kl": logs.get("kl"),  # absent when kl_coef is 0: TRL then keeps no reference model
-                   "entropy": logs.get("entropy"),
-                   "response_length": logs.get("completions/mean_length"),
-                   "clip_fraction": logs.get("clip_ratio/region_mean"),
-                   "loss": logs["loss"],
-                   "seconds": round(time.time() - self.step_start, 3)}
-            metrics_log.write(row)
-            if on_step:
-                on_step(state.global_step, row)
-
-        def on_save(self, args, state, control, model=None, **kwargs):
-            save_checkpoint(model, tokenizer, stage_dir / "checkpoints", state.global_step)
+    last, done = trainer_resume_point(stage_dir, metrics_log)
+    log_metrics = metrics_callback(metrics_log, on_step, tokenizer, stage_dir, lambda logs: {
+        "reward": logs.get("rewards/pm_reward/mean"),
+        "kl": logs.get("kl"),  # absent when kl_coef is 0: TRL then keeps no reference model
+        "entropy": logs.get("entropy"),
+        "response_length": logs.get("completions/mean_length"),
+        "clip_fraction": logs.get("clip_ratio/region_mean"),
+        "loss": logs["loss"]})
 
     args = RLOOConfig(
-        output_dir=str(trainer_dir), max_steps=cfg.steps, learning_rate=cfg.learning_rate,
+        output_dir=str(stage_dir / "trainer"), max_steps=cfg.steps, learning_rate=cfg.learning_rate,
         lr_scheduler_type="constant", warmup_steps=0,
         per_device_train_batch_size=cfg.prompts_per_step * cfg.rloo_generations,
         num_generations=cfg.rloo_generations, max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -78,7 +57,7 @@ def run_rloo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, red_team, he
     )
     model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
     trainer = RLOOTrainer(model=model, reward_funcs=[pm_reward], args=args, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[progress.trainer_bar("rl (rloo)"), Log()],
+                          processing_class=tokenizer, callbacks=[progress.trainer_bar("rl (rloo)"), log_metrics],
                           peft_config=lora_config(cfg) if cfg.lora else None)
     progress.quiet_trainer(trainer)
     if last:
