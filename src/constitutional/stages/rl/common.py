@@ -225,5 +225,20 @@ def metrics_callback(metrics_log: MetricsLog, on_step, tokenizer, stage_dir: Pat
     return Log()
 
 
+def train_from(trainer, last: str | None, done: int, lora: bool) -> tuple[object, int | None]:
+    """Train a TRL trainer, from its last checkpoint if there is one; the final policy (a LoRA adapter
+    merged in) and the step it resumed from (None: a fresh start)."""
+    from constitutional import progress
+
+    progress.quiet_trainer(trainer)
+    if last:
+        log(f"resuming from {last}")
+    trainer.train(resume_from_checkpoint=last)
+    final = trainer.model
+    if lora:
+        final = final.merge_and_unload()
+    return final, (done or None)
+
+
 def log(message: str) -> None:
     print(f"[cai] {message}", file=sys.stderr, flush=True)

@@ -11,7 +11,14 @@ from pathlib import Path
 
 from constitutional import progress
 from constitutional.config import RlConfig
-from constitutional.stages.rl.common import MetricsLog, log, lora_config, metrics_callback, trainer_resume_point
+from constitutional.stages.rl.common import (
+    MetricsLog,
+    log,
+    lora_config,
+    metrics_callback,
+    train_from,
+    trainer_resume_point,
+)
 
 
 def run_dpo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, comparisons: list[dict], stage_dir: Path,
@@ -51,14 +58,7 @@ def run_dpo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, comparisons: 
         trainer = _soft_dpo_trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                             callbacks=[progress.trainer_bar("rl (dpo)"), log_metrics],
                                             peft_config=lora_config(cfg) if cfg.lora else None)
-    progress.quiet_trainer(trainer)
-    if last:
-        log(f"resuming from {last}")
-    trainer.train(resume_from_checkpoint=last)
-    final = trainer.model
-    if cfg.lora:
-        final = final.merge_and_unload()
-    return final, (done or None)
+    return train_from(trainer, last, done, cfg.lora)
 
 
 def dpo_losses(loss: str, sft_weight: float) -> dict:

@@ -12,10 +12,10 @@ from constitutional.stages.rl.common import (
     MetricsLog,
     RewardFn,
     as_chat,
-    log,
     lora_config,
     metrics_callback,
     step_prompts,
+    train_from,
     trainer_resume_point,
 )
 
@@ -59,11 +59,4 @@ def run_rloo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, red_team, he
     trainer = RLOOTrainer(model=model, reward_funcs=[pm_reward], args=args, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[progress.trainer_bar("rl (rloo)"), log_metrics],
                           peft_config=lora_config(cfg) if cfg.lora else None)
-    progress.quiet_trainer(trainer)
-    if last:
-        log(f"resuming from {last}")
-    trainer.train(resume_from_checkpoint=last)
-    final = trainer.model
-    if cfg.lora:
-        final = final.merge_and_unload()
-    return final, (done or None)
+    return train_from(trainer, last, done, cfg.lora)
