@@ -430,8 +430,9 @@ def _revise_chunk(chunk: list[_Plan], cfg, seed: int, backend: Backend, on_batch
 def _filter_targets(chunk: list[_Plan], cfg, initial_text, initial_sets, rounds, current, examples,
                     follows_answers, scorer, contrast) -> list[dict]:
     """The target filter (``target_filter``): each prompt's candidates read by the rules judge, the best
-    kept (``evaluation/targets.py``); for prompts none of whose candidates passes, ``filter_candidates``
-    more answers under the follows prompt, then the same choice. One record per prompt for its row."""
+    kept (``evaluation/targets.py``); for prompts none of whose candidates declines with a reason,
+    ``filter_candidates`` more answers under the follows prompt, then the same choice. One record per prompt
+    for its row."""
     from constitutional.evaluation.targets import TIERS, choose_target
 
     pools: list[list[dict]] = []

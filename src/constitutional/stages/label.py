@@ -137,14 +137,14 @@ def run(config: PipelineConfig, out_dir: str | Path, policy_backend=None, feedba
                     if a.strip() == b.strip():
                         identical += 1
                         continue
-                    pairs.append((p, kind, a, b, drawn[j], targets[j]))
+                    pairs.append((p, kind, a, b, drawn[j]))
                 if cfg.method == "rlcd":
                     opened = {p.id: (starts[2 * j], starts[2 * j + 1]) for j, (p, _) in enumerate(chunk)}
+                    read = {p.id: targets[j] for j, (p, _) in enumerate(chunk)}
                     judged = _rlcd_rows(pairs, cfg, feedback_backend, temperature, policy_spec, feedback_spec,
-                                        opened)
+                                        opened, read)
                 else:
-                    judged = _judge([pair[:5] for pair in pairs], cfg, feedback_backend, fewshot, temperature,
-                                    policy_spec, feedback_spec)
+                    judged = _judge(pairs, cfg, feedback_backend, fewshot, temperature, policy_spec, feedback_spec)
                 for row in judged:
                     writer.append(row)
                     written += 1
@@ -247,7 +247,7 @@ def rlcd_openings(chunk, drawn, openings: dict, chats: list[list[dict]], violate
 
 
 def _rlcd_rows(pairs, cfg, backend, temperature, policy_spec: str, feedback_spec: str,
-               opened: dict | None = None) -> list[dict]:
+               opened: dict | None = None, targets: dict | None = None) -> list[dict]:
     """RLCD comparisons: response A was sampled under ``follows``, B under ``violates``; A is
     preferred with ``rlcd_p_chosen``, or the contrast method judges the pair (``rlcd_rescore``)."""
     from constitutional import feedback
@@ -255,7 +255,7 @@ def _rlcd_rows(pairs, cfg, backend, temperature, policy_spec: str, feedback_spec
     if not pairs:
         return []
     if cfg.rlcd_rescore:
-        items = [(p.prompt, ps[0], a, b) for p, _, a, b, ps, _ in pairs]
+        items = [(p.prompt, ps[0], a, b) for p, _, a, b, ps in pairs]
         judged = feedback.judge(backend, "contrast", items, **judge_settings(cfg, [], temperature))
         p_as = [j.p_a for j in judged]
         scores = [[j.scores] for j in judged]
@@ -263,7 +263,7 @@ def _rlcd_rows(pairs, cfg, backend, temperature, policy_spec: str, feedback_spec
         p_as = [cfg.rlcd_p_chosen] * len(pairs)
         scores = [[{"p_a_fixed": cfg.rlcd_p_chosen}] for _ in pairs]
     rows = []
-    for (p, kind, a, b, ps, target), p_a, score in zip(pairs, p_as, scores, strict=True):
+    for (p, kind, a, b, ps), p_a, score in zip(pairs, p_as, scores, strict=True):
         a_wins = p_a >= 0.5
         rows.append({
             "id": p.id,
@@ -282,7 +282,8 @@ def _rlcd_rows(pairs, cfg, backend, temperature, policy_spec: str, feedback_spec
             "opening": ((opened or {}).get(p.id) or ("", ""))[0] or None,
             "violates_opening": ((opened or {}).get(p.id) or ("", ""))[1] or None,
             "rescored": cfg.rlcd_rescore,
-            "target": target,  # with the target filter: how the follows answer was read (evaluation/targets.py)
+            # with the target filter: how the follows answer was read (evaluation/targets.py)
+            "target": (targets or {}).get(p.id),
             "cot": None,
             "kind": kind,
             "category": p.category,

@@ -17,6 +17,11 @@ from constitutional.errors import CaiError
 from constitutional.feedback import ContrastSettings
 
 
+def request_texts(prompts: list[list[dict]]) -> list[str]:
+    """The request of each prompt chat: its last user message."""
+    return [next(m["content"] for m in reversed(p) if m["role"] == "user") for p in prompts]
+
+
 def reward_stats(pm_dir: Path) -> tuple[float, float, str | None]:
     """(mean, std, source) of the PM's rewards, from the metrics.json the PM stage wrote beside
     ``pm/model/`` (or inside the PM directory); (0, 1, None) if there is none."""
@@ -82,7 +87,7 @@ class DirectReward:
         return sample_principles(self.pools[kind], 1, self.seed, f"direct:{prompt_text}")[0]
 
     def raw(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
-        texts = [next(m["content"] for m in reversed(p) if m["role"] == "user") for p in prompts]
+        texts = request_texts(prompts)
         scored = [i for i, r in enumerate(responses) if r.strip()]
         values = self.contrast.scores(self.backend, [(texts[i], self.principle(texts[i]), responses[i])
                                                      for i in scored])
@@ -150,7 +155,7 @@ class VerdictReward:
         self.stats_source = getattr(base, "stats_source", None)
 
     def terms(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
-        texts = [next(m["content"] for m in reversed(p) if m["role"] == "user") for p in prompts]
+        texts = request_texts(prompts)
         return [self.weight * verdict_term(t, r, "helpful" if t in self.helpful_prompts else "red-team")
                 for t, r in zip(texts, responses, strict=True)]
 
