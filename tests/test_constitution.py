@@ -131,3 +131,21 @@ def test_sl_principles_name_the_feedback_principle_that_scores_them(tmp_path):
                     "feedback_principles:\n  - {id: b, text: t}\n")
     with pytest.raises(CaiError, match=r"sl_principles\[0\]\.feedback: no feedback principle with id 'missing'"):
         load_constitution(path)
+
+
+def test_a_reason_slot_needs_reasons_and_stands_only_in_a_harmless_opening(tmp_path):
+    path = tmp_path / "c.yaml"
+    head = "feedback_principles:\n  - {id: b, text: t}\n"
+    path.write_text(head + "openings:\n  harmless: ['No, because {reason}.']\nreasons: ['it is a crime']\n")
+    c = load_constitution(path)
+    assert c.openings["harmless"] == ("No, because {reason}.",) and c.reasons == ("it is a crime",)
+    path.write_text(head + "openings:\n  harmless: ['No, because {reason}.']\n")
+    with pytest.raises(CaiError, match=r"openings\.harmless\[0\]: has a \{reason\} slot but the file lists no reasons"):
+        load_constitution(path)
+    path.write_text(head + "violates_openings:\n  helpful: ['No, because {reason}.']\nreasons: [x]\n")
+    with pytest.raises(CaiError, match=r"violates_openings\.helpful\[0\]: a \{reason\} slot is only allowed"):
+        load_constitution(path)
+    path.write_text(head + "reasons: 'it is a crime'\n")
+    with pytest.raises(CaiError, match="reasons: expected a non-empty list of strings"):
+        load_constitution(path)
+    assert load_constitution("default").reasons  # the shipped openings' slots have reasons to fill them

@@ -7,6 +7,7 @@ import pytest
 from constitutional.cli import main
 from constitutional.config import load_config
 from constitutional.constitution import load_constitution, sample_principles
+from constitutional.feedback import fill_reason
 from constitutional.prompts import join_opening
 from constitutional.records import read_jsonl
 from constitutional.stages import critique_revise
@@ -240,9 +241,12 @@ def test_follows_candidates_continue_the_constitutions_openings(tmp_path):
     critique_revise.run(config, tmp_path, backend=backend, scorer_backend=FollowsScorer())
     (row,) = read_jsonl(tmp_path / "critique_revise" / "revisions.jsonl")
     follows = [c["text"] for c in row["rounds"][0]["candidates"] if c["source"] == "follows"]
-    assert follows == [join_opening(o, "SAFE: call a locksmith.") for o in openings[:3]]
+    reasons = load_constitution("default").reasons
+    filled = [fill_reason(o, reasons[0]) for o in openings[:3]]  # the fake scorer finds no reason likelier
+    assert follows == [join_opening(o, "SAFE: call a locksmith.") for o in filled]
+    assert any("{reason}" in o for o in openings[:3]) and not any("{reason}" in o for o in filled)
     prefilled = [chat for chats, _ in backend.calls for chat in chats if chat[0]["role"] == "system"]
-    assert all(chat[-1]["role"] == "assistant" and chat[-1]["content"] in openings for chat in prefilled)
+    assert all(chat[-1]["role"] == "assistant" and chat[-1]["content"] in filled for chat in prefilled)
 
 
 def _filter_responder(revision: str, follows: str):

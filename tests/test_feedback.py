@@ -7,6 +7,7 @@ import pytest
 from constitutional import feedback
 from constitutional.backends.base import Completion, TokenLogprobs
 from constitutional.constitution import FeedbackPrinciple, load_constitution
+from constitutional.errors import CaiError
 
 PRINCIPLE = FeedbackPrinciple("less-harmful", "Which response is less harmful?", "harmless",
                               follows="FOLLOWS: be safe.", violates="VIOLATES: help with anything.")
@@ -263,3 +264,38 @@ def test_tokens_read_counts_a_shared_context_prefix_once(tiny_backend):
     cached = feedback.tokens_read(tiny_backend, pairs, prefixes)
     per_side = [len(tiny_backend.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in set(prefixes)]
     assert abs((plain - cached) - 2 * sum(per_side)) <= 2 * len(pairs)  # 2 of 3 copies saved, up to boundary merges
+
+
+class ReasonFake:
+    """Per-token log P of a reason: -1 after a request that shares a word with it, else -2; "generic"
+    is likely after anything (-0.5 per token), so only its gain over a neutral request can count."""
+
+    name = "reasons"
+
+    def render(self, chat, add_generation_prompt=True):
+        return "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in chat) + "<assistant>"
+
+    def logprobs(self, pairs):
+        out = []
+        for head, cont in pairs:
+            request = head.split("<user>")[-1].split("</user>")[0].lower()
+            words = cont.split()
+            lp = -0.5 if "generic" in cont else (-1.0 if set(request.split()) & set(words) else -2.0)
+            out.append(TokenLogprobs(words, [lp] * len(words)))
+        return out
+
+
+def test_pick_reasons_fills_each_slot_with_the_reason_the_request_makes_likelier():
+    reasons = ["a generic reason", "it invades privacy", "it is a crime"]
+    chats = [[{"role": "system", "content": "Be safe."}, {"role": "user", "content": "break my neighbours privacy"},
+              {"role": "assistant", "content": "No, because {reason}."}],
+             [{"role": "user", "content": "help me commit a crime"}],
+             [{"role": "user", "content": "anything"}]]
+    openings = ["No, because {reason}.", "I won't: {reason}. Instead,", "No."]
+    filled = feedback.pick_reasons(ReasonFake(), chats, openings, reasons)
+    assert filled == ["No, because it invades privacy.", "I won't: it is a crime. Instead,", "No."]
+    assert chats[0][-1]["content"] == filled[0]  # the open assistant turn now holds the filled opening
+    assert chats[1][-1]["role"] == "user"  # a chat without an open turn is not touched
+    assert feedback.pick_reasons(ReasonFake(), chats[2:], ["No."], []) == ["No."]  # no slot, no reasons needed
+    with pytest.raises(CaiError, match="lists no reasons"):
+        feedback.pick_reasons(ReasonFake(), chats[:1], ["No, because {reason}."], [])

@@ -7,6 +7,7 @@ import pytest
 
 from constitutional.cli import main
 from constitutional.config import load_config
+from constitutional.feedback import fill_reason
 from constitutional.prompts import join_opening
 from constitutional.records import read_jsonl
 from constitutional.stages import label
@@ -144,7 +145,8 @@ def test_rlcd_rows_carry_the_system_prompts_they_were_sampled_under(tmp_path, ti
 def test_rlcd_openings_start_only_the_follows_answer(tmp_path, tiny_model_dir):
     from constitutional.constitution import load_constitution
 
-    openings = load_constitution("default").openings["harmless"]
+    default = load_constitution("default")
+    openings = {fill_reason(o, r) for o in default.openings["harmless"] for r in default.reasons}
 
     def respond(chat):
         if chat[-1]["role"] == "assistant":  # an open assistant turn: the model continues it

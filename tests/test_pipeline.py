@@ -134,7 +134,7 @@ def test_a_changed_builtin_constitution_reruns_every_stage(tmp_path, monkeypatch
     before = plan(config)
     assert plan(config) == before
     default = data / "constitutions" / "default.yaml"
-    default.write_text(default.read_text().replace("I can't help with that, but", "I can't do that, but"))
+    default.write_text(default.read_text().replace("I won't help with this, because", "I won't do this, because"))
     after = plan(config)
     assert all(after[s]["key"] != before[s]["key"] for s in before)
     assert after["critique_revise"]["upstream"] != before["critique_revise"]["upstream"]  # restarted, not resumed

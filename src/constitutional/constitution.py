@@ -32,6 +32,12 @@ same shape lists how a response that violates the principles of a kind may begin
 a needless refusal): RLCD pairs (``label.rlcd_openings``) start their violates answer with one, so
 that DPO learns that an ordinary request deserves an answer, not a refusal.
 
+* An optional top-level ``reasons: [...]`` lists why a response that follows the harmless principles
+declines ("it would invade someone's privacy"). A harmless opening may hold a ``{reason}`` slot
+("I won't help with this, because {reason}."); it is filled, per request, with the reason the feedback
+model finds most relevant to it (``feedback.pick_reasons``), so the answers a small model is trained on
+say why they decline, in words written down here.
+
 * Anthropic's published JSON: an object ``{name: {"prompt": [critique], "edit_request": revision}}``
   for SL principles, or a list of strings for feedback principles.
 
@@ -93,6 +99,8 @@ class Constitution:
     openings: dict = field(default_factory=dict)
     # kind -> openings of a response that violates the principles of that kind (optional)
     violates_openings: dict = field(default_factory=dict)
+    # why a response that follows the harmless principles declines: fills an opening's {reason} slot
+    reasons: tuple[str, ...] = ()
 
     def require_sl(self) -> None:
         if not self.sl_principles:
@@ -175,12 +183,14 @@ def _merge(parts: list[Constitution]) -> Constitution:
     sources = tuple(s for part in parts for s in part.sources)
     openings: dict = {}
     violates: dict = {}
+    reasons: tuple[str, ...] = ()
     for part in parts:
+        reasons += part.reasons
         for kind, items in part.openings.items():
             openings[kind] = openings.get(kind, ()) + items
         for kind, items in part.violates_openings.items():
             violates[kind] = violates.get(kind, ()) + items
-    return Constitution("+".join(p.name for p in parts), tuple(sl), tuple(fb), sources, openings, violates)
+    return Constitution("+".join(p.name for p in parts), tuple(sl), tuple(fb), sources, openings, violates, reasons)
 
 
 def _text(value, path: Path, where: str) -> str:
@@ -202,7 +212,7 @@ def _check_keys(item, allowed: set[str], required: set[str], path: Path, where: 
 
 def _from_yaml(data, path: Path) -> Constitution:
     top = {"name", "version", "description", "sl_principles", "feedback_principles", "contrast_base", "openings",
-           "violates_openings"}
+           "violates_openings", "reasons"}
     _check_keys(data, top, set(), path, "top level")
     base = _contrast_base(data.get("contrast_base"), path)
     if "sl_principles" not in data and "feedback_principles" not in data:
@@ -254,8 +264,9 @@ def _from_yaml(data, path: Path) -> Constitution:
             raise CaiError(f"{path}: sl_principles[{i}].feedback: no feedback principle with id {p.feedback!r}")
     openings = _openings(data.get("openings"), path)
     violates = _openings(data.get("violates_openings"), path, "violates_openings")
+    reasons = _reasons(data.get("reasons"), openings, violates, path)
     name = str(data.get("name") or path.stem)
-    return Constitution(name, tuple(sl), tuple(fb), (str(path),), openings, violates)
+    return Constitution(name, tuple(sl), tuple(fb), (str(path),), openings, violates, reasons)
 
 
 def _openings(data, path: Path, key: str = "openings") -> dict[str, tuple[str, ...]]:
@@ -272,6 +283,23 @@ def _openings(data, path: Path, key: str = "openings") -> dict[str, tuple[str, .
             raise CaiError(f"{path}: {key}.{kind}: expected a non-empty list of strings")
         out[kind] = tuple(_text(t, path, f"{key}.{kind}[{i}]") for i, t in enumerate(items))
     return out
+
+
+def _reasons(data, openings: dict, violates: dict, path: Path) -> tuple[str, ...]:
+    """``reasons: [text, ...]``; a ``{reason}`` slot may only stand in a harmless opening, and needs reasons."""
+    if data is not None and (not isinstance(data, list) or not data):
+        raise CaiError(f"{path}: reasons: expected a non-empty list of strings")
+    reasons = tuple(_text(t, path, f"reasons[{i}]") for i, t in enumerate(data or []))
+    for key, table in (("openings", openings), ("violates_openings", violates)):
+        for kind, items in table.items():
+            for i, text in enumerate(items):
+                if "{reason}" not in text:
+                    continue
+                if key != "openings" or kind != "harmless":
+                    raise CaiError(f"{path}: {key}.{kind}[{i}]: a {{reason}} slot is only allowed in openings.harmless")
+                if not reasons:
+                    raise CaiError(f"{path}: {key}.{kind}[{i}]: has a {{reason}} slot but the file lists no reasons")
+    return reasons
 
 
 def _contrast_base(data, path: Path) -> dict[str, tuple[str, str]]:

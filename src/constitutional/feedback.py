@@ -481,20 +481,84 @@ def contrast_token_logprobs(backend, items: Sequence[tuple[str, FeedbackPrincipl
     return score_contrast_sequences(backend, contrast_sequences(backend, items, context=context, demos=demos))
 
 
+def shared_head_logprobs(backend, pairs: Sequence[tuple[str, str]]) -> list:
+    """``backend.logprobs(pairs)``, with continuations after the same head sharing one pass over it
+    when the backend offers ``logprobs_grouped``."""
+    if not hasattr(backend, "logprobs_grouped"):
+        return backend.logprobs(pairs)
+    by_head: dict[str, list[int]] = {}
+    for k, (head, _) in enumerate(pairs):
+        by_head.setdefault(head, []).append(k)
+    grouped = backend.logprobs_grouped([(head, [pairs[k][1] for k in ks]) for head, ks in by_head.items()])
+    scored = [None] * len(pairs)
+    for ks, results in zip(by_head.values(), grouped, strict=True):
+        for k, result in zip(ks, results, strict=True):
+            scored[k] = result
+    return scored
+
+
 def score_contrast_sequences(backend, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[float], list[float]]]:
     """Per-token log-probs of ``contrast_sequences`` output: (follows, violates) for each item."""
-    if hasattr(backend, "logprobs_grouped"):
-        by_head: dict[str, list[int]] = {}
-        for k, (head, _) in enumerate(pairs):
-            by_head.setdefault(head, []).append(k)
-        grouped = backend.logprobs_grouped([(head, [pairs[k][1] for k in ks]) for head, ks in by_head.items()])
-        scored = [None] * len(pairs)
-        for ks, results in zip(by_head.values(), grouped, strict=True):
-            for k, result in zip(ks, results, strict=True):
-                scored[k] = result
-    else:
-        scored = backend.logprobs(pairs)
+    scored = shared_head_logprobs(backend, pairs)
     return [(scored[2 * i].logprobs, scored[2 * i + 1].logprobs) for i in range(len(pairs) // 2)]
+
+
+REASON_SLOT = "{reason}"
+# The request a reason is weighed against: how likely the reason is after any request at all.
+NEUTRAL_REQUEST = "Can you help me with something?"
+
+
+def fill_reason(opening: str, reason: str) -> str:
+    """The opening with its ``{reason}`` slot filled.
+
+    >>> fill_reason("I won't help with this, because {reason}. Instead,", "it would invade someone's privacy")
+    "I won't help with this, because it would invade someone's privacy. Instead,"
+    """
+    return opening.replace(REASON_SLOT, reason)
+
+
+def reason_pmi(on_request: Sequence[float], on_neutral: Sequence[float]) -> int:
+    """The index of the reason whose log-probability after the request rises most over its log-probability
+    after a neutral request (pointwise mutual information: a reason likely after anything does not win).
+
+    >>> reason_pmi([-5.0, -9.0, -7.0], [-3.0, -12.0, -6.0])
+    1
+    """
+    gains = [a - b for a, b in zip(on_request, on_neutral, strict=True)]
+    return max(range(len(gains)), key=gains.__getitem__)
+
+
+def pick_reasons(backend, chats: Sequence[list[dict]], openings: Sequence[str], reasons: Sequence[str]) -> list[str]:
+    """Fill the ``{reason}`` slot of each opening with the constitution's reason that the model finds most
+    relevant to that chat's request (``reason_pmi``); an opening without a slot is returned as it is.
+
+    ``chats[i]`` is the conversation up to the answer; a trailing assistant turn is the opening itself,
+    not read, and its text is filled in place. The reason is scored where the opening puts it: after the
+    chat and the opening's text before the slot.
+    """
+    todo = [i for i, o in enumerate(openings) if REASON_SLOT in o]
+    if not todo:
+        return list(openings)
+    if not reasons:
+        raise CaiError("an opening has a {reason} slot but the constitution lists no reasons")
+    pairs = []
+    for i in todo:
+        chat = list(chats[i][:-1] if chats[i] and chats[i][-1]["role"] == "assistant" else chats[i])
+        head_text = openings[i].split(REASON_SLOT, 1)[0]
+        space = " " if head_text.endswith(" ") else ""
+        neutral = [m for m in chat if m["role"] == "system"] + [{"role": "user", "content": NEUTRAL_REQUEST}]
+        for context in (chat, neutral):
+            head = backend.render(context, add_generation_prompt=True) + head_text.rstrip(" ")
+            pairs += [(head, space + reason) for reason in reasons]
+    scored = [t.total for t in shared_head_logprobs(backend, pairs)]
+    out = list(openings)
+    n = len(reasons)
+    for k, i in enumerate(todo):
+        on_request, on_neutral = scored[2 * k * n:(2 * k + 1) * n], scored[(2 * k + 1) * n:(2 * k + 2) * n]
+        out[i] = fill_reason(openings[i], reasons[reason_pmi(on_request, on_neutral)])
+        if chats[i] and chats[i][-1]["role"] == "assistant":
+            chats[i][-1]["content"] = out[i]
+    return out
 
 
 def contrast_prefixes(backend, items: Sequence[tuple[str, FeedbackPrinciple, str]], *,

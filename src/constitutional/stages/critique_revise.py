@@ -62,7 +62,7 @@ from constitutional.config import PipelineConfig
 from constitutional.constitution import FeedbackPrinciple, Principle, load_constitution, sample_principles
 from constitutional.datasets import PromptRow, load_prompts
 from constitutional.errors import CaiError
-from constitutional.feedback import ContrastSettings
+from constitutional.feedback import ContrastSettings, pick_reasons
 from constitutional.models import check_model_spec
 from constitutional.prompts import (
     FewShotExample,
@@ -233,7 +233,8 @@ def run(config: PipelineConfig, out_dir: str | Path, backend: Backend | None = N
             for i in range(0, len(fits), cfg.batch_size):
                 chunk = fits[i:i + cfg.batch_size]
                 for row in _revise_chunk(chunk, cfg, config.seed, backend, on_batch, scorer,
-                                         ContrastSettings.of(config.label), constitution.openings):
+                                         ContrastSettings.of(config.label), constitution.openings,
+                                         constitution.reasons):
                     writer.append(row.to_dict())
         bar.close()
 
@@ -280,7 +281,8 @@ def _select(scorer, contrast: ContrastSettings, sets: list[tuple[str, FeedbackPr
 
 
 def _revise_chunk(chunk: list[_Plan], cfg, seed: int, backend: Backend, on_batch, scorer=None,
-                  contrast: ContrastSettings | None = None, openings: dict | None = None) -> list[RevisionRow]:
+                  contrast: ContrastSettings | None = None, openings: dict | None = None,
+                  reasons: tuple[str, ...] = ()) -> list[RevisionRow]:
     key = chunk[0].row.id
     select = scorer is not None
     contrast = contrast or ContrastSettings()
@@ -294,7 +296,7 @@ def _revise_chunk(chunk: list[_Plan], cfg, seed: int, backend: Backend, on_batch
                         rows: list[int] | None = None) -> list[list[str]]:
         """``m`` answers (default ``follows_candidates``) per prompt of ``rows`` (default: all), sampled
         under the scoring principle's follows prompt; the i-th continues the constitution's i-th opening
-        for the principle's kind, if it lists any."""
+        for the principle's kind, if it lists any, its ``{reason}`` slot filled for the request."""
         m = (cfg.follows_candidates if select else 0) if m is None else m
         rows = list(range(len(chunk))) if rows is None else rows
         if not m or not rows:
@@ -310,6 +312,7 @@ def _revise_chunk(chunk: list[_Plan], cfg, seed: int, backend: Backend, on_batch
                     chat.append({"role": "assistant", "content": start})
                 chats.append(chat)
                 starts.append(start)
+        starts = pick_reasons(scorer if scorer is not None else backend, chats, starts, reasons)
         done = backend.generate(chats, params(cfg.max_new_tokens, step), on_batch)
         out = [join_opening(start, clean_generation(c.text) if not start else c.text)
                for start, c in zip(starts, done, strict=True)]

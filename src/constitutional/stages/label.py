@@ -117,6 +117,7 @@ def run(config: PipelineConfig, out_dir: str | Path, policy_backend=None, feedba
                     if cfg.rlcd_openings:
                         starts = rlcd_openings(chunk, drawn, constitution.openings, chats,
                                                constitution.violates_openings)
+                        starts = feedback.pick_reasons(feedback_backend, chats, starts, constitution.reasons)
                 else:
                     chats = [[{"role": "user", "content": p.prompt}] for p, _ in chunk for _ in range(2)]
                 responses = policy_backend.generate(chats, SamplingParams(
