@@ -278,3 +278,37 @@ def test_unreachable_server_stage_exits_2_with_one_line_naming_the_url_and_keeps
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cai: error:")]
     assert err == [f"cai: error: critique_revise.model: model server {url} is unreachable (connection refused)"]
     assert written.read_text() == earlier
+
+
+@pytest.mark.integration
+def test_both_backends_give_the_embedded_model_the_same_token_ids(monkeypatch):
+    """Rendering and encoding live in backends/template.py alone: with the embedded tokenizer, the ids the
+    server is sent equal the ids the in-process model reads, for generation and for scored continuations."""
+    from constitutional.backends.hf import HFBackend
+    from constitutional.models import resolve_model
+
+    model_dir = resolve_model("smollm2-135m-instruct")
+    local = HFBackend(model_dir, batch_size=4)
+    chats = [[{"role": "system", "content": "Be safe."}, {"role": "user", "content": "Can I mix bleach and vinegar?"}],
+             [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello. How can I help?"},
+              {"role": "user", "content": "Name a colour."}],
+             [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "I'd say"}]]
+    seen_local: list[list[int]] = []
+    generate = local._generate_prefix
+    monkeypatch.setattr(local, "_generate_prefix",
+                        lambda encoded, *a, **k: seen_local.extend(encoded) or generate(encoded, *a, **k))
+    score = local.decoder.score
+    monkeypatch.setattr(local.decoder, "score", lambda ids, heads: seen_local.extend(ids) or score(ids, heads))
+    params = SamplingParams(max_new_tokens=2, temperature=0)
+    pairs = [(local.render(chats[0]), "No, never mix them."), (local.render(chats[2]), " blue.")]
+    with FakeOpenAIServer(model_dir, name="smol") as server:
+        remote = OpenAIBackend(ServerSpec(base_urls=[server.base_url], model="smol", tokenizer=model_dir))
+        remote.generate(chats, params)
+        remote.logprobs(pairs)
+        local.generate(chats, params)
+        local.logprobs(pairs)
+        sent = [body["prompt"] for body in server.requests]
+    assert len(seen_local) == len(chats) + len(pairs)  # three chats generated, two continuations scored
+    assert seen_local[:3] == [local._encode(local.render(c)) for c in chats]
+    assert all(ids in sent for ids in seen_local)  # the server was sent exactly these ids
+    assert local.render(chats[2]).endswith("I'd say")  # an open assistant turn is continued, not closed

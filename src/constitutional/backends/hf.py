@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
+from constitutional.backends import template
 from constitutional.backends.base import Chat, Completion, ProgressFn, SamplingParams, TokenLogprobs
 from constitutional.backends.prefix_decode import PrefixDecoder, sample_top_p, unsupported_reason
 from constitutional.errors import CaiError
@@ -78,7 +79,7 @@ class HFBackend:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
-        self.stop_ids = _stop_token_ids(self.model, self.tokenizer)
+        self.stop_ids = template.stop_token_ids(self.model.generation_config, self.tokenizer)
         self.decoder: PrefixDecoder | None = None
         if prefix_attention:
             reason = unsupported_reason(self.model)
@@ -91,24 +92,11 @@ class HFBackend:
     # ------------------------------------------------------------------ text
 
     def render(self, chat: Chat, add_generation_prompt: bool = True) -> str:
-        """The chat as the model sees it. A chat that ends with an assistant turn and
-        ``add_generation_prompt=True`` is left open, so generation continues that turn."""
-        open_turn = add_generation_prompt and chat and chat[-1]["role"] == "assistant"
-        if self.tokenizer.chat_template:
-            if open_turn:
-                return self.tokenizer.apply_chat_template(chat, tokenize=False, continue_final_message=True)
-            return self.tokenizer.apply_chat_template(
-                chat, tokenize=False, add_generation_prompt=add_generation_prompt)
-        # A base model without a chat template: a plain transcript.
-        names = {"system": "System", "user": "Human", "assistant": "Assistant"}
-        if open_turn:
-            head = "".join(f"{names[m['role']]}: {m['content']}\n\n" for m in chat[:-1])
-            return head + f"Assistant: {chat[-1]['content']}"
-        text = "".join(f"{names[m['role']]}: {m['content']}\n\n" for m in chat)
-        return text + ("Assistant:" if add_generation_prompt else "")
+        """The chat as the model sees it (``template.render_chat``: the server backend renders the same)."""
+        return template.render_chat(self.tokenizer, chat, add_generation_prompt)
 
     def _encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return template.encode(self.tokenizer, text)
 
     def count_tokens(self, chat: Chat) -> int:
         return len(self._encode(self.render(chat)))
@@ -238,25 +226,9 @@ class HFBackend:
     # --------------------------------------------------------------- scoring
 
     def option_tokens(self, prompt: str, options: Sequence[str]) -> tuple[list[int], list[int]]:
-        """Where options part ways after ``prompt``: (shared token ids, first differing id of each).
-
-        " (A)" and " (B)" usually tokenise as [" (", "A", ")"] and [" (", "B", ")"]: the shared
-        " (" is appended to the prompt and the model's next-token distribution is read at "A"
-        vs "B". Tokens after the first differing one are not scored (")" follows almost surely).
-        """
-        head = self._encode(prompt)
-        tails = []
-        for option in options:
-            full = self._encode(prompt + option)
-            if full[:len(head)] != head:
-                full = head + self._encode(option)
-            tails.append(full[len(head):])
-        shared = 0
-        while all(len(t) > shared for t in tails) and len({t[shared] for t in tails}) == 1:
-            shared += 1
-        if any(len(t) <= shared for t in tails) or len({t[shared] for t in tails}) != len(tails):
-            raise ValueError(f"options {list(options)!r} do not differ in one token after the prompt")
-        return tails[0][:shared], [t[shared] for t in tails]
+        """Where options part ways after ``prompt`` (``template.option_tokens``): the shared " (" of " (A)"
+        and " (B)" is appended to the prompt and the next-token distribution is read at "A" vs "B"."""
+        return template.option_tokens(self.tokenizer, prompt, options)
 
     @torch.inference_mode()
     def option_logprobs(self, prompts: Sequence[str], options: Sequence[str]) -> list[list[float]]:
@@ -303,7 +275,7 @@ class HFBackend:
         items = []
         for prompt, continuation in pairs:
             head = self._encode(prompt)
-            items.append((head + self._continuation_ids(prompt, head, continuation), len(head)))
+            items.append((head + template.continuation_ids(self.tokenizer, prompt, head, continuation), len(head)))
         if self.decoder is not None:
             return self._score_packed(items)
         order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
@@ -334,16 +306,6 @@ class HFBackend:
         return [TokenLogprobs(tokens=self.tokenizer.convert_ids_to_tokens(ids[n:]), logprobs=values)
                 for (ids, n), values in zip(items, scored, strict=True)]
 
-    def _continuation_ids(self, prompt: str, head: list[int], continuation: str) -> list[int]:
-        """The tokens that tokenising ``prompt + continuation`` adds after ``head`` (the prompt's
-        tokens), or the continuation tokenised alone if the boundary merged."""
-        full = self._encode(prompt + continuation)
-        if full[:len(head)] != head:  # the boundary merged: tokenise the parts apart
-            full = head + self._encode(continuation)
-        if len(full) == len(head):
-            raise ValueError(f"empty continuation after prompt: {continuation!r}")
-        return full[len(head):]
-
     @torch.inference_mode()
     def logprobs_grouped(self, groups: Sequence[tuple[str, Sequence[str]]]) -> list[list[TokenLogprobs]]:
         """``logprobs`` of each continuation in each (prompt, continuations) group.
@@ -360,7 +322,7 @@ class HFBackend:
         encoded = []
         for prompt, continuations in groups:
             head = self._encode(prompt)
-            encoded.append((head, [self._continuation_ids(prompt, head, c) for c in continuations]))
+            encoded.append((head, [template.continuation_ids(self.tokenizer, prompt, head, c) for c in continuations]))
         if self.decoder is not None:
             flat = self._score_packed([(head + tail, len(head)) for head, tails in encoded for tail in tails])
             out, at = [], 0
@@ -429,14 +391,6 @@ def cache_keyword(model) -> str:
 def output_cache(out):
     """The KV cache of a forward pass's output, under either transformers name."""
     return out["cache"] if "cache" in out else out.past_key_values
-
-
-def _stop_token_ids(model, tokenizer) -> list[int]:
-    ids = model.generation_config.eos_token_id if model.generation_config else None
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
 
 
 def _cut_at_stop(ids: list[int], stop_ids: list[int]) -> tuple[int, bool]:
