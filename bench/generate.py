@@ -18,7 +18,7 @@ import torch
 
 from constitutional.backends.base import SamplingParams
 from constitutional.backends.hf import HFBackend
-from constitutional.datasets import load_prompts
+from constitutional.prompt_sources import load_prompts
 from constitutional.models import resolve_model
 
 

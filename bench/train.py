@@ -21,7 +21,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from constitutional.datasets import load_prompts
+from constitutional.prompt_sources import load_prompts
 from constitutional.models import resolve_model
 from constitutional.prompts import load_fewshot
 

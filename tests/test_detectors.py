@@ -39,7 +39,7 @@ def verdicts(examples):
 
 
 def test_labelled_examples_are_many_varied_and_unseen(examples):
-    from constitutional.datasets import load_prompts
+    from constitutional.prompt_sources import load_prompts
     from constitutional.stages.label_eval import load_eval_pairs
 
     assert len(examples) >= 60

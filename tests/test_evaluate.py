@@ -11,7 +11,7 @@ import pytest
 from constitutional import backends
 from constitutional.cli import main
 from constitutional.config import load_config
-from constitutional.datasets import PromptRow
+from constitutional.prompt_sources import PromptRow
 from constitutional.errors import CaiError
 from constitutional.evaluation.snapshots import resolve_snapshots
 from constitutional.records import read_jsonl
@@ -122,7 +122,7 @@ class ScriptedSnapshots:
         return ScriptedBackend(respond)
 
 
-HARMFUL = {p.prompt for p in __import__("constitutional.datasets", fromlist=["load_prompts"]).load_prompts(
+HARMFUL = {p.prompt for p in __import__("constitutional.prompt_sources", fromlist=["load_prompts"]).load_prompts(
     "red-team", "heldout")}
 
 

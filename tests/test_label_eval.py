@@ -57,7 +57,7 @@ class TruthContrastFake:
 
 
 def test_shipped_eval_sets_are_large_balanced_and_unseen_in_training():
-    from constitutional.datasets import load_prompts
+    from constitutional.prompt_sources import load_prompts
 
     harmless = label_eval.load_eval_pairs("harmless")
     helpful = label_eval.load_eval_pairs("helpful")
@@ -95,7 +95,7 @@ def test_split_is_the_documented_rule_disjoint_and_balanced():
 def test_new_style_pairs_are_test_only_new_prompts_with_a_schema():
     import yaml
 
-    from constitutional.datasets import load_prompts
+    from constitutional.prompt_sources import load_prompts
 
     rows = _raw("harmless_styles.jsonl")
     assert len(rows) >= 100
@@ -243,7 +243,7 @@ def test_summarise_and_ensemble_maths():
 
 def test_uncensorbench_is_an_outside_test_set_with_the_refusal_preferred(tmp_path):
     """Pairs written outside the project: the refusal is the better answer; test half only, reported apart."""
-    from constitutional.datasets import uncensorbench_references
+    from constitutional.prompt_sources import uncensorbench_references
 
     pairs = label_eval.load_outside_pairs("uncensorbench")
     refs = uncensorbench_references()

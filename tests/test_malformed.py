@@ -462,7 +462,7 @@ def test_a_bug_traceback_is_printed_with_the_key_redacted(monkeypatch, capsys):
 
 
 def test_a_spreadsheet_csv_with_a_byte_order_mark_is_read(tmp_path):
-    from constitutional.datasets import load_prompts
+    from constitutional.prompt_sources import load_prompts
 
     path = tmp_path / "p.csv"
     path.write_bytes("\ufeffprompt,split\nHow do I bake bread?,train\n".encode())

@@ -5,7 +5,7 @@ import pytest
 from constitutional.backends.base import SamplingParams
 from constitutional.config import load_config
 from constitutional.constitution import load_constitution, sample_principles
-from constitutional.datasets import load_prompts
+from constitutional.prompt_sources import load_prompts
 from constitutional.prompts import critique_chat, load_fewshot, pick_fewshot, response_chat, revision_chat
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from constitutional.config import PipelineConfig, RlConfig, load_config
-from constitutional.datasets import PromptRow
+from constitutional.prompt_sources import PromptRow
 from constitutional.errors import CaiError
 from constitutional.stages import rl
 

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from constitutional.datasets import BUILTIN, load_prompts
+from constitutional.prompt_sources import BUILTIN, load_prompts
 from constitutional.feedback import load_label_fewshot
 from constitutional.prompts import load_fewshot
 

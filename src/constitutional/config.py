@@ -629,7 +629,7 @@ class EvaluateConfig:
         _require(len(set(self.jailbreaks)) == len(self.jailbreaks), "evaluate.jailbreaks", "lists a framing twice")
 
 
-# Outside prompt sets that evaluate.benchmarks can add (each a built-in prompt source of datasets.py).
+# Outside prompt sets that evaluate.benchmarks can add (each a built-in prompt source of prompt_sources.py).
 BENCHMARKS = ("uncensorbench",)
 
 

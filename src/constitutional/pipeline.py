@@ -162,7 +162,7 @@ def validate_inputs(config: PipelineConfig, stages: list[str]) -> None:
     so that bad input stops the run before any directory, manifest or model exists."""
     from constitutional.backends import as_server_spec
     from constitutional.constitution import load_constitution
-    from constitutional.datasets import load_prompts
+    from constitutional.prompt_sources import load_prompts
     from constitutional.prompts import load_fewshot
 
     constitution = load_constitution(config.constitution)

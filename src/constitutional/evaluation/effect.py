@@ -36,7 +36,7 @@ from constitutional.evaluation.verdicts import (
 @dataclass(frozen=True)
 class PromptSet:
     """Prompts the evaluation answers: ``name`` (its key in the table), ``kind`` (``red-team`` or ``helpful``:
-    which rubric fields apply) and the prompts (``datasets.PromptRow``)."""
+    which rubric fields apply) and the prompts (``prompt_sources.PromptRow``)."""
 
     name: str
     kind: str

@@ -110,7 +110,7 @@ def load_reference_answers(split: str = "test") -> list[GradedAnswer]:
     """
     if split not in SPLITS:
         raise CaiError(f"graded split {split!r}: expected one of {', '.join(SPLITS)}")
-    from constitutional.datasets import uncensorbench_references
+    from constitutional.prompt_sources import uncensorbench_references
 
     path = _data_path(REFERENCE_LABELS_FILE)
     labels = {}

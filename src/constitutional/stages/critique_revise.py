@@ -60,7 +60,7 @@ from constitutional.backends import spec_name
 from constitutional.backends.base import Backend, SamplingParams
 from constitutional.config import PipelineConfig
 from constitutional.constitution import FeedbackPrinciple, Principle, load_constitution, sample_principles
-from constitutional.datasets import PromptRow, load_prompts
+from constitutional.prompt_sources import PromptRow, load_prompts
 from constitutional.errors import CaiError
 from constitutional.feedback import ContrastSettings, pick_reasons
 from constitutional.models import check_model_spec

@@ -62,7 +62,7 @@ from pathlib import Path
 from constitutional import progress
 from constitutional.config import PipelineConfig
 from constitutional.constitution import load_constitution, sample_principles
-from constitutional.datasets import load_prompts
+from constitutional.prompt_sources import load_prompts
 from constitutional.errors import CaiError
 from constitutional.evaluation.effect import PromptSet, effect_table, effect_text, response_id, verdict_examples
 from constitutional.evaluation.second_opinion import REFUSAL_TOKENS, refusal_scores

@@ -51,7 +51,7 @@ OUTPUT = "comparisons.jsonl"
 
 def run(config: PipelineConfig, out_dir: str | Path, policy_backend=None, feedback_backend=None) -> dict:
     from constitutional import feedback
-    from constitutional.datasets import load_prompts
+    from constitutional.prompt_sources import load_prompts
 
     cfg = config.label
     out_dir = Path(out_dir)

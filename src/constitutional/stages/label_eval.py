@@ -172,7 +172,7 @@ def load_outside_pairs(name: str, limit: int | None = None) -> list[dict]:
     ``uncensorbench``: each of UncensorBench's 150 harmful requests with its two reference answers; the
     refusal is the better one under a harmless principle. Option A is the refusal in every other pair.
     """
-    from constitutional.datasets import uncensorbench_references
+    from constitutional.prompt_sources import uncensorbench_references
 
     if name not in OUTSIDE_SETS:
         raise CaiError(f"unknown outside pair set {name!r} (known: {', '.join(OUTSIDE_SETS)})")

@@ -297,7 +297,7 @@ def _helpful_samples(cfg, seed: int, backend, stage_dir: Path, needed: int, scor
     """
     from constitutional.backends.base import SamplingParams
     from constitutional.constitution import sample_principles
-    from constitutional.datasets import load_prompts
+    from constitutional.prompt_sources import load_prompts
 
     prompts = load_prompts(cfg.helpful_prompts, "train")
     # enough prompts that after holding some out, `needed` remain for training

@@ -57,7 +57,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from constitutional.config import PipelineConfig, RlConfig
-from constitutional.datasets import PromptRow, load_prompts
+from constitutional.prompt_sources import PromptRow, load_prompts
 from constitutional.distributed import is_main, world_size
 from constitutional.errors import CaiError
 from constitutional.models import check_model_spec

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from constitutional.config import RlConfig
-from constitutional.datasets import PromptRow
+from constitutional.prompt_sources import PromptRow
 from constitutional.distributed import is_main
 from constitutional.errors import CaiError
 

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 from constitutional.config import PipelineConfig
-from constitutional.datasets import PromptRow
+from constitutional.prompt_sources import PromptRow
 from constitutional.errors import CaiError
 from constitutional.feedback import ContrastSettings
 

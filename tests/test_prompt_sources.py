@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from constitutional.datasets import load_prompts
+from constitutional.prompt_sources import load_prompts
 from constitutional.errors import CaiError
 
 
