@@ -24,62 +24,10 @@ from pathlib import Path
 
 import yaml
 
+from constitutional.backends.spec import ServerSpec
 from constitutional.errors import CaiError, yaml_problem
 from constitutional.models import DEFAULT_MODEL
-
-# ---------------------------------------------------------- model servers
-
-
-@dataclass
-class ServerSpec:
-    """A model behind an OpenAI-compatible HTTP server (vLLM above all); see ``backends/openai.py``.
-
-    Any generation or labelling model field (``ModelSpec``) takes one as a mapping, e.g.
-    ``{backend: openai, base_urls: [http://127.0.0.1:8000/v1], model: smollm2-135m-instruct}``.
-    Training stages need local weights and refuse it.
-
-    backend: must be ``openai``.
-    base_urls: server URLs ending in ``/v1``; each request goes to the one with the fewest requests in flight.
-    model: the model name the servers serve (vLLM's ``--served-model-name``); also written into rows.
-    tokenizer: where the tokenizer and chat template come from, so chats are rendered here exactly as
-        the in-process backend renders them (a local directory, an embedded model's name or a hub id;
-        None: ``model``).
-    api_key_env: name of the environment variable that holds the API key (None: send no key). The key
-        itself is never logged or written to any file.
-    max_in_flight: requests sent at once, over all base_urls.
-    timeout: seconds to wait for one response before retrying it.
-    retries: retries of a request after a timeout, a connection error, HTTP 5xx, 408 or 429; other 4xx
-        answers fail at once.
-    backoff: seconds before the first retry, doubled after each, at most 30.
-    prompt_format: ``tokens`` (token ids, exactly the in-process tokens: vLLM, llama.cpp) or ``text`` (the
-        rendered text, for servers that take only strings; they may tokenise it differently).
-    """
-
-    backend: str = "openai"
-    base_urls: list[str] = field(default_factory=list)
-    model: str = ""
-    tokenizer: str | None = None
-    api_key_env: str | None = None
-    max_in_flight: int = 32
-    timeout: float = 600.0
-    retries: int = 6
-    backoff: float = 1.0
-    prompt_format: str = "tokens"
-
-    def check(self, key: str) -> None:
-        _require(self.backend == "openai", f"{key}.backend", "must be openai (the only server backend)")
-        _require(bool(self.base_urls), f"{key}.base_urls", "needs at least one URL, e.g. http://127.0.0.1:8000/v1")
-        for url in self.base_urls:
-            _require(url.startswith(("http://", "https://")), f"{key}.base_urls",
-                     f"{url!r} is not an http:// or https:// URL")
-        _require(bool(self.model), f"{key}.model", "needs the name the server serves the model under")
-        _require(self.api_key_env is None or self.api_key_env.isidentifier(), f"{key}.api_key_env",
-                 "must be the name of an environment variable (not the key itself)")
-        _require(self.max_in_flight >= 1, f"{key}.max_in_flight", "must be at least 1")
-        _require(self.timeout > 0, f"{key}.timeout", "must be more than 0")
-        _require(self.retries >= 0 and self.backoff >= 0, f"{key}.retries", "retries and backoff must be 0 or more")
-        _require(self.prompt_format in ("tokens", "text"), f"{key}.prompt_format", "must be tokens or text")
-
+from constitutional.typed import build, require
 
 # A model for generation or scoring: a spec for models.resolve_model (in-process) or a server.
 ModelSpec = str | ServerSpec
@@ -154,19 +102,19 @@ class CritiqueReviseConfig:
     filter_candidates: int = 4
 
     def check(self) -> None:
-        _require(self.rounds >= 1, "critique_revise.rounds", "must be at least 1")
-        _require(self.candidates >= 1 and self.initial_candidates >= 1, "critique_revise.candidates",
+        require(self.rounds >= 1, "critique_revise.rounds", "must be at least 1")
+        require(self.candidates >= 1 and self.initial_candidates >= 1, "critique_revise.candidates",
                  "candidates and initial_candidates must be at least 1")
-        _require(self.follows_candidates >= 0, "critique_revise.follows_candidates", "must be 0 or more")
-        _require(self.fewshot >= 0, "critique_revise.fewshot", "must be 0 or more")
-        _require(self.limit is None or self.limit >= 1, "critique_revise.limit", "must be at least 1")
-        _require(self.split in ("train", "heldout", "all"), "critique_revise.split",
+        require(self.follows_candidates >= 0, "critique_revise.follows_candidates", "must be 0 or more")
+        require(self.fewshot >= 0, "critique_revise.fewshot", "must be 0 or more")
+        require(self.limit is None or self.limit >= 1, "critique_revise.limit", "must be at least 1")
+        require(self.split in ("train", "heldout", "all"), "critique_revise.split",
                  "must be train, heldout or all")
-        _require(self.max_new_tokens >= 1 and self.critique_max_new_tokens >= 1,
+        require(self.max_new_tokens >= 1 and self.critique_max_new_tokens >= 1,
                  "critique_revise.max_new_tokens", "token budgets must be at least 1")
-        _require(self.temperature >= 0, "critique_revise.temperature", "must be 0 or more")
-        _require(0 < self.top_p <= 1, "critique_revise.top_p", "must be in (0, 1]")
-        _require(self.batch_size >= 1, "critique_revise.batch_size", "must be at least 1")
+        require(self.temperature >= 0, "critique_revise.temperature", "must be 0 or more")
+        require(0 < self.top_p <= 1, "critique_revise.top_p", "must be in (0, 1]")
+        require(self.batch_size >= 1, "critique_revise.batch_size", "must be at least 1")
         _check_model(self.model, "critique_revise.model")
 
 
@@ -231,19 +179,19 @@ class SftConfig:
     helpful_candidates: int = 1
 
     def check(self) -> None:
-        _require(0 <= self.helpful_fraction < 1, "sft.helpful_fraction", "must be in [0, 1)")
-        _require(0 <= self.heldout_fraction < 1, "sft.heldout_fraction", "must be in [0, 1)")
-        _require(self.helpful_candidates >= 1, "sft.helpful_candidates", "must be at least 1")
-        _require(self.keep_checkpoints >= 1, "sft.keep_checkpoints", "must be at least 1")
-        _require(self.epochs > 0, "sft.epochs", "must be more than 0")
-        _require(self.max_steps is None or self.max_steps >= 1, "sft.max_steps", "must be at least 1")
-        _require(self.learning_rate > 0, "sft.learning_rate", "must be more than 0")
-        _require(self.batch_size >= 1, "sft.batch_size", "must be at least 1")
-        _require(self.gradient_accumulation_steps >= 1, "sft.gradient_accumulation_steps", "must be at least 1")
-        _require(self.max_length >= 16, "sft.max_length", "must be at least 16")
-        _require(self.lora_r >= 1, "sft.lora_r", "must be at least 1")
-        _require(self.save_steps >= 1, "sft.save_steps", "must be at least 1")
-        _require(self.helpful_max_new_tokens >= 1, "sft.helpful_max_new_tokens", "must be at least 1")
+        require(0 <= self.helpful_fraction < 1, "sft.helpful_fraction", "must be in [0, 1)")
+        require(0 <= self.heldout_fraction < 1, "sft.heldout_fraction", "must be in [0, 1)")
+        require(self.helpful_candidates >= 1, "sft.helpful_candidates", "must be at least 1")
+        require(self.keep_checkpoints >= 1, "sft.keep_checkpoints", "must be at least 1")
+        require(self.epochs > 0, "sft.epochs", "must be more than 0")
+        require(self.max_steps is None or self.max_steps >= 1, "sft.max_steps", "must be at least 1")
+        require(self.learning_rate > 0, "sft.learning_rate", "must be more than 0")
+        require(self.batch_size >= 1, "sft.batch_size", "must be at least 1")
+        require(self.gradient_accumulation_steps >= 1, "sft.gradient_accumulation_steps", "must be at least 1")
+        require(self.max_length >= 16, "sft.max_length", "must be at least 16")
+        require(self.lora_r >= 1, "sft.lora_r", "must be at least 1")
+        require(self.save_steps >= 1, "sft.save_steps", "must be at least 1")
+        require(self.helpful_max_new_tokens >= 1, "sft.helpful_max_new_tokens", "must be at least 1")
 
 
 @dataclass
@@ -333,28 +281,28 @@ class LabelConfig:
         from constitutional.feedback import CONTRAST_CONTEXTS, METHODS
 
         methods = (*METHODS, "rlcd")
-        _require(self.method in methods, "label.method", f"must be one of {', '.join(methods)}")
-        _require(0.5 <= self.rlcd_p_chosen <= 1, "label.rlcd_p_chosen", "must be in [0.5, 1]")
-        _require(not self.target_filter or self.method == "rlcd", "label.target_filter",
+        require(self.method in methods, "label.method", f"must be one of {', '.join(methods)}")
+        require(0.5 <= self.rlcd_p_chosen <= 1, "label.rlcd_p_chosen", "must be in [0.5, 1]")
+        require(not self.target_filter or self.method == "rlcd", "label.target_filter",
                  "needs method: rlcd (it filters the follows answer that becomes the chosen side)")
-        _require(self.ensemble >= 1, "label.ensemble", "must be at least 1")
-        _require(self.fewshot >= 0, "label.fewshot", "must be 0 or more")
-        _require(0 <= self.cot_min <= 0.5 <= self.cot_max <= 1, "label.cot_min",
+        require(self.ensemble >= 1, "label.ensemble", "must be at least 1")
+        require(self.fewshot >= 0, "label.fewshot", "must be 0 or more")
+        require(0 <= self.cot_min <= 0.5 <= self.cot_max <= 1, "label.cot_min",
                  "clamp bounds need 0 <= cot_min <= 0.5 <= cot_max <= 1")
-        _require(self.contrast_reduce in ("mean", "sum"), "label.contrast_reduce", "must be mean or sum")
-        _require(self.contrast_temperature is None or self.contrast_temperature > 0,
+        require(self.contrast_reduce in ("mean", "sum"), "label.contrast_reduce", "must be mean or sum")
+        require(self.contrast_temperature is None or self.contrast_temperature > 0,
                  "label.contrast_temperature", "must be more than 0")
-        _require(self.contrast_context in CONTRAST_CONTEXTS, "label.contrast_context",
+        require(self.contrast_context in CONTRAST_CONTEXTS, "label.contrast_context",
                  f"must be one of {', '.join(CONTRAST_CONTEXTS)}")
-        _require(self.method != "contrast" or self.contrast_context != "stance" or self.ensemble == 1,
+        require(self.method != "contrast" or self.contrast_context != "stance" or self.ensemble == 1,
                  "label.ensemble", "must be 1 with contrast_context: stance (every principle gets the same prompts)")
-        _require(self.contrast_fewshot >= 0, "label.contrast_fewshot", "must be 0 or more")
-        _require(self.contrast_max_tokens is None or self.contrast_max_tokens >= 1, "label.contrast_max_tokens",
+        require(self.contrast_fewshot >= 0, "label.contrast_fewshot", "must be 0 or more")
+        require(self.contrast_max_tokens is None or self.contrast_max_tokens >= 1, "label.contrast_max_tokens",
                  "must be at least 1")
-        _require(self.temperature >= 0, "label.temperature", "must be 0 or more")
-        _require(self.limit is None or self.limit >= 1, "label.limit", "must be at least 1")
-        _require(self.split in ("train", "heldout", "all"), "label.split", "must be train, heldout or all")
-        _require(self.batch_size >= 1, "label.batch_size", "must be at least 1")
+        require(self.temperature >= 0, "label.temperature", "must be 0 or more")
+        require(self.limit is None or self.limit >= 1, "label.limit", "must be at least 1")
+        require(self.split in ("train", "heldout", "all"), "label.split", "must be train, heldout or all")
+        require(self.batch_size >= 1, "label.batch_size", "must be at least 1")
         _check_model(self.policy, "label.policy")
         _check_model(self.feedback_model, "label.feedback_model")
 
@@ -403,14 +351,14 @@ class PmConfig:
     device: str = "auto"
 
     def check(self) -> None:
-        _require(self.keep_checkpoints >= 1, "pm.keep_checkpoints", "must be at least 1")
-        _require(0 <= self.helpful_fraction < 1, "pm.helpful_fraction", "must be in [0, 1)")
-        _require(0 <= self.heldout_fraction < 1, "pm.heldout_fraction", "must be in [0, 1)")
-        _require(self.epochs > 0, "pm.epochs", "must be more than 0")
-        _require(self.max_steps is None or self.max_steps >= 1, "pm.max_steps", "must be at least 1")
-        _require(self.learning_rate > 0, "pm.learning_rate", "must be more than 0")
-        _require(self.batch_size >= 1, "pm.batch_size", "must be at least 1")
-        _require(self.save_steps >= 1, "pm.save_steps", "must be at least 1")
+        require(self.keep_checkpoints >= 1, "pm.keep_checkpoints", "must be at least 1")
+        require(0 <= self.helpful_fraction < 1, "pm.helpful_fraction", "must be in [0, 1)")
+        require(0 <= self.heldout_fraction < 1, "pm.heldout_fraction", "must be in [0, 1)")
+        require(self.epochs > 0, "pm.epochs", "must be more than 0")
+        require(self.max_steps is None or self.max_steps >= 1, "pm.max_steps", "must be at least 1")
+        require(self.learning_rate > 0, "pm.learning_rate", "must be more than 0")
+        require(self.batch_size >= 1, "pm.batch_size", "must be at least 1")
+        require(self.save_steps >= 1, "pm.save_steps", "must be at least 1")
 
 
 @dataclass
@@ -512,33 +460,33 @@ class RlConfig:
     device: str = "auto"
 
     def check(self) -> None:
-        _require(self.algo in ("ppo", "rloo", "dpo"), "rl.algo", "must be ppo, rloo or dpo")
-        _require(self.reward in ("pm", "direct"), "rl.reward", "must be pm or direct")
-        _require(self.verdict_weight == 0 or self.algo != "dpo", "rl.verdict_weight",
+        require(self.algo in ("ppo", "rloo", "dpo"), "rl.algo", "must be ppo, rloo or dpo")
+        require(self.reward in ("pm", "direct"), "rl.reward", "must be pm or direct")
+        require(self.verdict_weight == 0 or self.algo != "dpo", "rl.verdict_weight",
                  "applies to the online algorithms (ppo, rloo); dpo has no reward (use label.target_filter)")
-        _require(self.dpo_beta > 0, "rl.dpo_beta", "must be more than 0")
-        _require(self.dpo_loss in ("soft", "hard"), "rl.dpo_loss", "must be soft or hard")
-        _require(self.dpo_sft_weight >= 0, "rl.dpo_sft_weight", "must be 0 or more")
-        _require(self.kl_coef >= 0, "rl.kl_coef", "must be 0 or more")
-        _require(self.limit is None or self.limit >= 1, "rl.limit", "must be at least 1")
-        _require(0 <= self.helpful_share < 1, "rl.helpful_share", "must be in [0, 1)")
-        _require(self.steps >= 1, "rl.steps", "must be at least 1")
-        _require(self.prompts_per_step >= 1, "rl.prompts_per_step", "must be at least 1")
-        _require(self.rloo_generations >= 2, "rl.rloo_generations", "must be at least 2")
-        _require(self.max_new_tokens >= 1, "rl.max_new_tokens", "must be at least 1")
-        _require(0 <= self.min_new_tokens <= self.max_new_tokens, "rl.min_new_tokens",
+        require(self.dpo_beta > 0, "rl.dpo_beta", "must be more than 0")
+        require(self.dpo_loss in ("soft", "hard"), "rl.dpo_loss", "must be soft or hard")
+        require(self.dpo_sft_weight >= 0, "rl.dpo_sft_weight", "must be 0 or more")
+        require(self.kl_coef >= 0, "rl.kl_coef", "must be 0 or more")
+        require(self.limit is None or self.limit >= 1, "rl.limit", "must be at least 1")
+        require(0 <= self.helpful_share < 1, "rl.helpful_share", "must be in [0, 1)")
+        require(self.steps >= 1, "rl.steps", "must be at least 1")
+        require(self.prompts_per_step >= 1, "rl.prompts_per_step", "must be at least 1")
+        require(self.rloo_generations >= 2, "rl.rloo_generations", "must be at least 2")
+        require(self.max_new_tokens >= 1, "rl.max_new_tokens", "must be at least 1")
+        require(0 <= self.min_new_tokens <= self.max_new_tokens, "rl.min_new_tokens",
                  "must be in [0, max_new_tokens]")
-        _require(self.temperature > 0, "rl.temperature", "must be more than 0 (RL samples its responses)")
-        _require(0 < self.top_p <= 1, "rl.top_p", "must be in (0, 1]")
-        _require(self.learning_rate > 0, "rl.learning_rate", "must be more than 0")
-        _require(self.ppo_epochs >= 1, "rl.ppo_epochs", "must be at least 1")
-        _require(self.minibatch_size >= 1, "rl.minibatch_size", "must be at least 1")
-        _require(self.clip_range > 0 and self.value_clip > 0, "rl.clip_range", "clip ranges must be more than 0")
-        _require(self.vf_coef >= 0, "rl.vf_coef", "must be 0 or more")
-        _require(0 < self.gamma <= 1 and 0 <= self.lam <= 1, "rl.gamma", "gamma must be in (0, 1], lam in [0, 1]")
-        _require(self.max_grad_norm > 0, "rl.max_grad_norm", "must be more than 0")
-        _require(self.save_steps >= 1, "rl.save_steps", "must be at least 1")
-        _require(self.eval_prompts >= 0, "rl.eval_prompts", "must be 0 or more")
+        require(self.temperature > 0, "rl.temperature", "must be more than 0 (RL samples its responses)")
+        require(0 < self.top_p <= 1, "rl.top_p", "must be in (0, 1]")
+        require(self.learning_rate > 0, "rl.learning_rate", "must be more than 0")
+        require(self.ppo_epochs >= 1, "rl.ppo_epochs", "must be at least 1")
+        require(self.minibatch_size >= 1, "rl.minibatch_size", "must be at least 1")
+        require(self.clip_range > 0 and self.value_clip > 0, "rl.clip_range", "clip ranges must be more than 0")
+        require(self.vf_coef >= 0, "rl.vf_coef", "must be 0 or more")
+        require(0 < self.gamma <= 1 and 0 <= self.lam <= 1, "rl.gamma", "gamma must be in (0, 1], lam in [0, 1]")
+        require(self.max_grad_norm > 0, "rl.max_grad_norm", "must be more than 0")
+        require(self.save_steps >= 1, "rl.save_steps", "must be at least 1")
+        require(self.eval_prompts >= 0, "rl.eval_prompts", "must be 0 or more")
 
 
 @dataclass
@@ -607,26 +555,26 @@ class EvaluateConfig:
         from constitutional.evaluation.snapshots import SNAPSHOT_KINDS
 
         for name in self.snapshots or []:
-            _require(name in SNAPSHOT_KINDS, "evaluate.snapshots",
+            require(name in SNAPSHOT_KINDS, "evaluate.snapshots",
                      f"unknown snapshot {name!r} (known: {', '.join(SNAPSHOT_KINDS)})")
         for name in self.extra_models:
-            _require(name not in SNAPSHOT_KINDS and not name.startswith("rl-step-"), "evaluate.extra_models",
+            require(name not in SNAPSHOT_KINDS and not name.startswith("rl-step-"), "evaluate.extra_models",
                      f"name {name!r} is taken by a run snapshot; pick another")
-        _require(self.limit is None or self.limit >= 1, "evaluate.limit", "must be at least 1")
-        _require(self.max_new_tokens >= 1, "evaluate.max_new_tokens", "must be at least 1")
-        _require(self.sample_temperature > 0, "evaluate.sample_temperature", "must be more than 0")
-        _require(self.bootstrap_samples >= 1, "evaluate.bootstrap_samples", "must be at least 1")
-        _require(self.judge_pairs is None or self.judge_pairs >= 2, "evaluate.judge_pairs", "must be at least 2")
-        _require(self.second_opinion_examples is None or self.second_opinion_examples >= 4,
+        require(self.limit is None or self.limit >= 1, "evaluate.limit", "must be at least 1")
+        require(self.max_new_tokens >= 1, "evaluate.max_new_tokens", "must be at least 1")
+        require(self.sample_temperature > 0, "evaluate.sample_temperature", "must be more than 0")
+        require(self.bootstrap_samples >= 1, "evaluate.bootstrap_samples", "must be at least 1")
+        require(self.judge_pairs is None or self.judge_pairs >= 2, "evaluate.judge_pairs", "must be at least 2")
+        require(self.second_opinion_examples is None or self.second_opinion_examples >= 4,
                  "evaluate.second_opinion_examples", "must be at least 4")
-        _require(self.batch_size >= 1, "evaluate.batch_size", "must be at least 1")
+        require(self.batch_size >= 1, "evaluate.batch_size", "must be at least 1")
         _check_model(self.judge, "evaluate.judge")
-        _require(self.judge_threshold is None or 0 < self.judge_threshold < 1, "evaluate.judge_threshold",
+        require(self.judge_threshold is None or 0 < self.judge_threshold < 1, "evaluate.judge_threshold",
                  "must be in (0, 1), or null to fit it on the graded development split")
         for name in self.benchmarks:
-            _require(name in BENCHMARKS, "evaluate.benchmarks", f"unknown benchmark {name!r} (known: "
+            require(name in BENCHMARKS, "evaluate.benchmarks", f"unknown benchmark {name!r} (known: "
                      f"{', '.join(BENCHMARKS)})")
-        _require(len(set(self.jailbreaks)) == len(self.jailbreaks), "evaluate.jailbreaks", "lists a framing twice")
+        require(len(set(self.jailbreaks)) == len(self.jailbreaks), "evaluate.jailbreaks", "lists a framing twice")
 
 
 # Outside prompt sets that evaluate.benchmarks can add (each a built-in prompt source of prompt_sources.py).
@@ -675,11 +623,6 @@ class PipelineConfig:
 STAGES = ("critique_revise", "sft", "label", "pm", "rl", "evaluate")
 
 
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise CaiError(f"config key '{key}': {message}")
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     """Read ``path`` (None: all defaults), apply ``key.sub=value`` overrides, check and build."""
     raw: dict = {}
@@ -703,7 +646,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides or []:
         _apply_override(raw, item)
     try:
-        config = _build(PipelineConfig, raw, "")
+        config = build(PipelineConfig, raw, "")
         config.check()
     except CaiError as e:
         raise CaiError(f"{source}: {e}") from None
@@ -724,109 +667,3 @@ def _apply_override(raw: dict, item: str) -> None:
         node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
         node[parts[-1]] = value
-
-
-def _build(cls, data, prefix: str):
-    if not isinstance(data, dict):
-        raise CaiError(f"config key '{prefix.rstrip('.') or 'top level'}': expected a mapping, "
-                       f"got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            raise CaiError(f"config key '{prefix}{key}': unknown (known: {', '.join(sorted(names))})")
-        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
-        _check_number(kwargs[key], f"{prefix}{key}")
-        if key == "device":
-            _require(re.fullmatch(r"auto|cpu|mps|(?:cuda|xpu|hpu|npu)(?::\d+)?", str(kwargs[key])) is not None,
-                     f"{prefix}{key}", f"expected auto, cpu, cuda, cuda:N, mps, xpu, hpu or npu, got {kwargs[key]!r}")
-    return cls(**kwargs)
-
-
-# numeric fields that must be more than 0 (a count, a size, a rate); every other number must be 0 or more
-POSITIVE = frozenset({
-    "batch_size", "generate_batch_size", "minibatch_size", "max_new_tokens", "helpful_max_new_tokens",
-    "critique_max_new_tokens", "cot_max_new_tokens", "limit", "helpful_limit", "max_steps", "save_steps", "steps",
-    "epochs", "ppo_epochs", "learning_rate", "max_length", "lora_r", "lora_alpha", "prompts_per_step",
-    "rloo_generations", "bootstrap_samples", "judge_pairs", "timeout", "max_in_flight",
-    "gradient_accumulation_steps", "ensemble", "contrast_max_tokens", "top_p", "candidates",
-    "initial_candidates", "helpful_candidates", "contrast_temperature", "target_sentences"})
-
-
-def _check_number(value, key: str) -> None:
-    """Every number in a config is finite and not negative; those in ``POSITIVE`` more than 0.
-
-    >>> _check_number(float("inf"), "label.temperature")
-    Traceback (most recent call last):
-    constitutional.errors.CaiError: config key 'label.temperature': must be a finite number, got inf
-    >>> _check_number(-1, "label.helpful_limit")
-    Traceback (most recent call last):
-    constitutional.errors.CaiError: config key 'label.helpful_limit': must be more than 0 (null: no limit), got -1
-    """
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return
-    _require(math.isfinite(value), key, f"must be a finite number, got {value}")
-    name = key.rsplit(".", 1)[-1]
-    if name in POSITIVE:
-        hint = " (null: no limit)" if name.endswith("limit") else ""
-        _require(value > 0, key, f"must be more than 0{hint}, got {value}")
-    else:
-        _require(value >= 0, key, f"must be 0 or more, got {value}")
-
-
-def _coerce(value, hint, key: str):
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key + ".")
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, key)
-            except CaiError:
-                if isinstance(value, dict) and dataclasses.is_dataclass(option):
-                    raise  # a mapping meant for this section: its own error names the inner key
-                continue
-        _refuse_server(value, key)
-        raise CaiError(f"config key '{key}': expected {_type_name(hint)}, got {value!r}")
-    if origin is dict:
-        key_type, value_type = typing.get_args(hint)
-        if not isinstance(value, dict):
-            raise CaiError(f"config key '{key}': expected a mapping, got {value!r}")
-        return {_coerce(k, key_type, f"{key}"): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
-    if origin is list:
-        (item_type,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            raise CaiError(f"config key '{key}': expected a list, got {value!r}")
-        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        # YAML 1.1 reads 1e-5 (no dot) as a string; take it as the number it is.
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if hint in (int, float, str, bool) and (type(value) is hint):
-        return value
-    _refuse_server(value, key)
-    raise CaiError(f"config key '{key}': expected {_type_name(hint)}, got {value!r}")
-
-
-def _refuse_server(value, key: str) -> None:
-    if isinstance(value, dict) and "backend" in value:
-        raise CaiError(f"config key '{key}': a model server cannot be used here (this stage trains or "
-                       f"loads weights, which needs a local model directory)")
-
-
-def _type_name(hint) -> str:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return "null"
-    return getattr(hint, "__name__", str(hint))

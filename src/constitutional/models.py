@@ -69,7 +69,7 @@ def resolve_model(spec: str) -> str:
 def check_model_spec(spec: str, key: str) -> None:
     """Fail early, before any model loads, if a spec that looks like a path is not a model directory.
 
-    A server spec (``config.ServerSpec``) was checked when the config loaded; it passes here.
+    A server spec (``backends.spec.ServerSpec``) was checked when the config loaded; it passes here.
     """
     if not isinstance(spec, str) or spec in EMBEDDED:
         return

@@ -2,11 +2,16 @@
 
 ``load_backend(spec)`` is how every stage gets one: a model spec (the embedded default, a
 local directory or a hub id) becomes the in-process transformers backend (``hf.py``); a server
-spec (``config.ServerSpec``: ``{backend: openai, base_urls: [...], model: NAME}``) becomes the
+spec (``spec.ServerSpec``: ``{backend: openai, base_urls: [...], model: NAME}``) becomes the
 HTTP backend of ``openai.py``.
 """
 
 from __future__ import annotations
+
+from constitutional.backends.spec import ServerSpec, as_server_spec
+from constitutional.models import resolve_model
+
+__all__ = ["ServerSpec", "as_server_spec", "load_backend", "same_model", "spec_name"]
 
 
 def load_backend(spec, *, batch_size: int = 16, device: str = "auto", name: str | None = None):
@@ -20,29 +25,13 @@ def load_backend(spec, *, batch_size: int = 16, device: str = "auto", name: str 
         from constitutional.backends.openai import OpenAIBackend
 
         return OpenAIBackend(server, name=name)
-    from constitutional.backends.hf import HFBackend
-    from constitutional.models import resolve_model
+    from constitutional.backends.hf import HFBackend  # torch and transformers: only when a model is loaded
 
     return HFBackend(resolve_model(spec), batch_size=batch_size, device=device, name=name or str(spec))
 
 
-def as_server_spec(spec):
-    """``spec`` as a ``config.ServerSpec`` if it names a server (a ServerSpec or a mapping), else None."""
-    from constitutional.config import ServerSpec, _build
-
-    if isinstance(spec, ServerSpec):
-        return spec
-    if isinstance(spec, dict):
-        server = _build(ServerSpec, spec, "model.")
-        server.check("model")
-        return server
-    return None
-
-
 def same_model(spec_a, spec_b) -> bool:
     """Whether two specs name the same model (so one loaded backend can serve both)."""
-    from constitutional.models import resolve_model
-
     server_a, server_b = as_server_spec(spec_a), as_server_spec(spec_b)
     if server_a is not None or server_b is not None:
         return (server_a is not None and server_b is not None and server_a.model == server_b.model

@@ -1,6 +1,6 @@
 """Backend over an OpenAI-compatible HTTP server (vLLM above all): the ``Backend`` protocol by HTTP.
 
-Any generation or labelling model field of the config can be a server spec (``config.ServerSpec``)::
+Any generation or labelling model field of the config can be a server spec (``backends.spec.ServerSpec``)::
 
     critique_revise:
       model: {backend: openai, base_urls: [http://127.0.0.1:8000/v1], model: smollm2-135m-instruct}
@@ -72,7 +72,7 @@ class ServerError(CaiError):
 class OpenAIBackend:
     """A model served over HTTP behind the :class:`~constitutional.backends.base.Backend` protocol.
 
-    ``spec`` is a :class:`constitutional.config.ServerSpec`. Construction loads the tokenizer and
+    ``spec`` is a :class:`constitutional.backends.spec.ServerSpec`. Construction loads the tokenizer and
     asks the servers which models they serve (retrying as any request does), so an unreachable
     server or a wrong model name fails here, before a stage starts its work.
     """
