@@ -48,11 +48,34 @@ All means are over real tokens only (``masked_mean``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
-from constitutional.config import RlConfig
+
+@dataclass(frozen=True)
+class PpoSettings:
+    """What one PPO step needs (the ``rl`` config section documents each field); ``of(section)`` takes them
+    from any object that has these attributes."""
+
+    max_new_tokens: int
+    min_new_tokens: int
+    temperature: float
+    top_p: float
+    kl_coef: float
+    ppo_epochs: int
+    minibatch_size: int
+    clip_range: float
+    value_clip: float
+    vf_coef: float
+    gamma: float
+    lam: float
+    whiten_advantages: bool
+    max_grad_norm: float
+
+    @classmethod
+    def of(cls, section) -> PpoSettings:
+        return cls(**{f.name: getattr(section, f.name) for f in fields(cls)})
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -224,12 +247,11 @@ def sample(model, tokenizer, queries: list[list[int]], max_new_tokens: int, temp
 
 def ppo_step(policy, value_head: ValueHead, ref_model, optimizer: torch.optim.Optimizer, tokenizer,
              queries: list[list[int]], score: Callable[[list[list[int]]], list[float]],
-             settings: RlConfig) -> dict:
+             settings: PpoSettings) -> dict:
     """One PPO step on these queries (token ids); returns its metrics (``reward``: the mean score).
 
     ``score`` maps the responses (token ids) to rewards. ``ref_model`` None means the policy is a
-    PEFT model whose adapter, switched off, is the reference. ``settings``: the ``rl`` section of
-    the config (kl_coef, ppo_epochs, minibatch_size, clip ranges, vf_coef, gamma, lam, ...).
+    PEFT model whose adapter, switched off, is the reference.
     """
     s = settings
     device = next(policy.parameters()).device

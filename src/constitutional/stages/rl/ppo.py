@@ -60,6 +60,7 @@ def run_ppo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, red_team, hel
         log(f"resuming from {last}")
     metrics_log.keep_steps_up_to(done)
 
+    settings = ppo.PpoSettings.of(cfg)
     bar = progress.bar(cfg.steps, "rl (ppo)", "step", initial=done)
     for step in range(done + 1, cfg.steps + 1):
         t0 = time.time()
@@ -71,7 +72,7 @@ def run_ppo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, red_team, hel
             texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
             return reward_fn([as_chat(p) for p in prompts], texts)
 
-        stats = ppo.ppo_step(policy, value_head, ref_model, optimizer, tokenizer, queries, score, cfg)
+        stats = ppo.ppo_step(policy, value_head, ref_model, optimizer, tokenizer, queries, score, settings)
         row = {"step": step, **stats, "seconds": round(time.time() - t0, 3)}
         metrics_log.write(row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}")
