@@ -29,8 +29,8 @@ from constitutional.backends.base import SamplingParams
 from constitutional.backends.hf import HFBackend
 from constitutional.config import load_config
 from constitutional.constitution import load_constitution, sample_principles
-from constitutional.prompt_sources import load_prompts
 from constitutional.models import resolve_model
+from constitutional.prompt_sources import load_prompts
 from constitutional.prompts import critique_chat, load_fewshot, pick_fewshot
 from constitutional.stages.critique_revise import _Plan, _revise_chunk
 

@@ -18,8 +18,8 @@ import torch
 
 from constitutional.backends.base import SamplingParams
 from constitutional.backends.hf import HFBackend
-from constitutional.prompt_sources import load_prompts
 from constitutional.models import resolve_model
+from constitutional.prompt_sources import load_prompts
 
 
 def main() -> None:

@@ -34,8 +34,8 @@ from constitutional import feedback
 from constitutional.backends.hf import HFBackend
 from constitutional.config import load_config
 from constitutional.constitution import load_constitution, sample_principles
+from constitutional.judge_pairs import judge_settings
 from constitutional.models import resolve_model
-from constitutional.stages.label import judge_settings
 from constitutional.stages.label_eval import load_eval_pairs
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,8 +21,8 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from constitutional.prompt_sources import load_prompts
 from constitutional.models import resolve_model
+from constitutional.prompt_sources import load_prompts
 from constitutional.prompts import load_fewshot
 
 

@@ -39,8 +39,8 @@ def verdicts(examples):
 
 
 def test_labelled_examples_are_many_varied_and_unseen(examples):
+    from constitutional.judge_pairs import load_eval_pairs
     from constitutional.prompt_sources import load_prompts
-    from constitutional.stages.label_eval import load_eval_pairs
 
     assert len(examples) >= 60
     assert len({r["id"] for r in examples}) == len(examples)

@@ -11,9 +11,9 @@ import pytest
 from constitutional import backends
 from constitutional.cli import main
 from constitutional.config import load_config
-from constitutional.prompt_sources import PromptRow
 from constitutional.errors import CaiError
 from constitutional.evaluation.snapshots import resolve_snapshots
+from constitutional.prompt_sources import PromptRow
 from constitutional.records import read_jsonl
 from constitutional.stages import evaluate
 from tests.conftest import build_tiny_llama

@@ -9,10 +9,10 @@ import pytest
 from constitutional.backends.openai import OpenAIBackend
 from constitutional.cli import main
 from constitutional.config import ServerSpec, load_config
-from constitutional.prompt_sources import load_prompts
 from constitutional.evaluation.graded import load_graded, load_reference_answers, split_rule
 from constitutional.evaluation.judges import ModelJudge, RulesJudge, fit_thresholds, judge_chat, p_yes
 from constitutional.evaluation.rubric import fields_for
+from constitutional.prompt_sources import load_prompts
 from constitutional.stages import judge_eval
 from tests.fake_openai import FakeOpenAIServer
 

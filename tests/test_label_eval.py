@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from constitutional import feedback
+from constitutional import feedback, judge_pairs
 from constitutional.cli import main
 from constitutional.config import load_config
 from constitutional.constitution import load_constitution, sample_principles
@@ -19,7 +19,7 @@ STYLES = {"long-harmful", "short-harmful", "partial-compliance", "disclaimer-wra
 
 
 def _raw(file: str) -> list[dict]:
-    return list(iter_jsonl(label_eval.eval_path(file)))
+    return list(iter_jsonl(judge_pairs.eval_path(file)))
 
 
 class TruthContrastFake:
@@ -29,7 +29,7 @@ class TruthContrastFake:
     name = "truth"
 
     def __init__(self):
-        rows = [r for files in label_eval.EVAL_SETS.values() for f in files for r in _raw(f)]
+        rows = [r for files in judge_pairs.EVAL_SETS.values() for f in files for r in _raw(f)]
         self.better = {r["chosen"] for r in rows}
         self.follows = {feedback.contrast_system_prompts(p, context)[0]
                         for p in load_constitution("default").feedback_principles
@@ -59,8 +59,8 @@ class TruthContrastFake:
 def test_shipped_eval_sets_are_large_balanced_and_unseen_in_training():
     from constitutional.prompt_sources import load_prompts
 
-    harmless = label_eval.load_eval_pairs("harmless")
-    helpful = label_eval.load_eval_pairs("helpful")
+    harmless = judge_pairs.load_eval_pairs("harmless")
+    helpful = judge_pairs.load_eval_pairs("helpful")
     assert len(harmless) >= 165 + 100 and len(helpful) >= 50
     for pairs in (harmless, helpful):
         assert abs(sum(r["chosen_is_a"] for r in pairs) - len(pairs) / 2) <= 1  # better answer in A half the time
@@ -71,11 +71,11 @@ def test_shipped_eval_sets_are_large_balanced_and_unseen_in_training():
 
 
 def test_split_is_the_documented_rule_disjoint_and_balanced():
-    for name, files in label_eval.EVAL_SETS.items():
+    for name, files in judge_pairs.EVAL_SETS.items():
         rows = _raw(files[0])
-        assert [r["split"] for r in rows] == label_eval.split_rule(rows)  # the field is what the rule writes
-        dev = label_eval.load_eval_pairs(name, half="dev")
-        test = [r for r in label_eval.load_eval_pairs(name, half="test") if r["source"] == files[0].split(".")[0]]
+        assert [r["split"] for r in rows] == judge_pairs.split_rule(rows)  # the field is what the rule writes
+        dev = judge_pairs.load_eval_pairs(name, half="dev")
+        test = [r for r in judge_pairs.load_eval_pairs(name, half="test") if r["source"] == files[0].split(".")[0]]
         assert not {r["id"] for r in dev} & {r["id"] for r in test}
         assert {r["id"] for r in dev} | {r["id"] for r in test} == {r["id"] for r in rows}
         assert abs(len(dev) - len(test)) <= 1
@@ -87,9 +87,9 @@ def test_split_is_the_documented_rule_disjoint_and_balanced():
                     everywhere = [r for i, r in enumerate(rows) if (i % 2 == 0) == position and r["longer"] == longer]
                     assert abs(2 * len(group) - len(everywhere)) <= 1  # every (position, longer) group halved
             assert {r["chosen_is_a"] for r in half} == {True, False}
-    assert label_eval.split_rule(_raw("helpful_pairs.jsonl")) == label_eval.split_rule(_raw("helpful_pairs.jsonl"))
+    assert judge_pairs.split_rule(_raw("helpful_pairs.jsonl")) == judge_pairs.split_rule(_raw("helpful_pairs.jsonl"))
     with pytest.raises(CaiError, match="eval half 'train'"):
-        label_eval.load_eval_pairs("harmless", half="train")
+        judge_pairs.load_eval_pairs("harmless", half="train")
 
 
 def test_new_style_pairs_are_test_only_new_prompts_with_a_schema():
@@ -114,15 +114,15 @@ def test_new_style_pairs_are_test_only_new_prompts_with_a_schema():
     builtin = {p.prompt for name in ("red-team", "helpful") for p in load_prompts(name, "all")}
     shots = set()
     for file in ("labels.yaml", "critique_revision.yaml", "contrast.yaml"):
-        path = label_eval.eval_path("x").parents[1] / "fewshot" / file
+        path = judge_pairs.eval_path("x").parents[1] / "fewshot" / file
         shots |= {e["prompt"] for e in yaml.safe_load(path.read_text())["examples"]}
     assert not set(prompts) & (builtin | shots | {r["prompt"] for r in old})
     assert {r["style"] for r in rows} == STYLES
     assert 0.4 < sum(r["longer"] == "chosen" for r in rows) / len(rows) < 0.6
-    pairs = label_eval.load_eval_pairs("harmless", half="test")
+    pairs = judge_pairs.load_eval_pairs("harmless", half="test")
     new = [r for r in pairs if r["source"] == "harmless_styles"]
     assert len(new) == len(rows) and abs(sum(r["chosen_is_a"] for r in new) - len(new) / 2) <= 1
-    assert not [r for r in label_eval.load_eval_pairs("harmless", half="dev") if r["source"] == "harmless_styles"]
+    assert not [r for r in judge_pairs.load_eval_pairs("harmless", half="dev") if r["source"] == "harmless_styles"]
 
 
 # ------------------------------------------------------------------ running
@@ -147,8 +147,8 @@ def test_half_selects_its_pairs_and_the_temperature_comes_from_dev(tmp_path, hal
     results = label_eval.run(load_config(None, []), tmp_path, ["contrast-mean", "mc-zeroshot-one"],
                              backend=fake, half=half)
     entry = results["variants"]["contrast-mean"]
-    for name in label_eval.EVAL_SETS:
-        want = label_eval.load_eval_pairs(name, half=half)
+    for name in judge_pairs.EVAL_SETS:
+        want = judge_pairs.load_eval_pairs(name, half=half)
         assert set(entry[name]["p_a"]) == {r["id"] for r in want} == set(
             results["variants"]["mc-zeroshot-one"][name]["p_a"])
         assert entry[name]["n"] == len(want) == results["pairs"][name]
@@ -156,10 +156,10 @@ def test_half_selects_its_pairs_and_the_temperature_comes_from_dev(tmp_path, hal
     assert results["half"] == half
     if half == "test":  # dev scored too, for T; the parts of the harmless set are reported apart
         assert set(entry["harmless"]["parts"]) == {"harmless_pairs", "harmless_styles"}
-        dev_prompts = {r["prompt"] for r in label_eval.load_eval_pairs("harmless", half="dev")}
+        dev_prompts = {r["prompt"] for r in judge_pairs.load_eval_pairs("harmless", half="dev")}
         assert any(p in h for h in fake.heads for p in dev_prompts)
     else:  # the test half is never read
-        test_prompts = {r["prompt"] for r in label_eval.load_eval_pairs("harmless", half="test")}
+        test_prompts = {r["prompt"] for r in judge_pairs.load_eval_pairs("harmless", half="test")}
         assert not any(f"<user>{p}</user>" in h for h in fake.heads for p in test_prompts)
     assert entry["temperature_dev"] == pytest.approx(0.01, rel=0.1)  # separable dev diffs: T at its bound
     assert entry["tokens_per_comparison"] > 0
@@ -167,15 +167,13 @@ def test_half_selects_its_pairs_and_the_temperature_comes_from_dev(tmp_path, hal
 
 
 def test_label_fits_its_temperature_on_the_dev_half_only():
-    from constitutional.stages import label
-
     fake = TruthContrastFake()
     constitution = load_constitution("default")
     pools = {k: [p for p in constitution.feedback_principles if p.kind == k] for k in ("harmless", "helpful")}
-    t = label._fit_temperature(fake, pools, 0, load_config(None, []).label)
+    t = judge_pairs.fit_contrast_temperature(fake, pools, 0, load_config(None, []).label)
     assert t == pytest.approx(0.01, rel=0.1)
     seen = {h.split("<user>")[-1].split("</user>")[0] for h in fake.heads}
-    dev = {r["prompt"] for name in label_eval.EVAL_SETS for r in label_eval.load_eval_pairs(name, half="dev")}
+    dev = {r["prompt"] for name in judge_pairs.EVAL_SETS for r in judge_pairs.load_eval_pairs(name, half="dev")}
     assert seen == dev
 
 
@@ -184,18 +182,18 @@ def test_ensemble_is_the_mean_of_single_principle_p_a_at_the_dev_temperature(tmp
     results = label_eval.run(config, tmp_path, ["contrast-ens3"], limit=2, backend=tiny_backend, half="test")
     entry = results["variants"]["contrast-ens3"]
     pools = {k: [p for p in load_constitution("default").feedback_principles if p.kind == k]
-             for k in label_eval.EVAL_SETS}
+             for k in judge_pairs.EVAL_SETS}
     # T by hand: member 0's s_better - s_worse on the dev pairs of both sets
     signed = []
-    for name in label_eval.EVAL_SETS:
-        rows = label_eval.load_eval_pairs(name, 2, "dev")
+    for name in judge_pairs.EVAL_SETS:
+        rows = judge_pairs.load_eval_pairs(name, 2, "dev")
         items = [(r["prompt"], sample_principles(pools[name], 1, config.seed, r["id"])[0], r["chosen"], r["rejected"])
                  for r in rows]
         signed += [j.scores["s_a"] - j.scores["s_b"] for j in feedback.judge_contrast(tiny_backend, items, 1.0)]
     t = feedback.fit_temperature(signed)
     assert entry["temperature_dev"] == pytest.approx(t, rel=1e-3)
-    for name in label_eval.EVAL_SETS:
-        rows = label_eval.load_eval_pairs(name, 2, "test")
+    for name in judge_pairs.EVAL_SETS:
+        rows = judge_pairs.load_eval_pairs(name, 2, "test")
         draws = [sample_principles(pools[name], 3, config.seed, r["id"]) for r in rows]
         members = [feedback.judge_contrast(tiny_backend, [(r["prompt"], d[k], r["a"], r["b"])
                                                           for r, d in zip(rows, draws, strict=True)], t)
@@ -233,10 +231,10 @@ def test_bad_settings_are_one_clear_error(tmp_path):
 
 
 def test_summarise_and_ensemble_maths():
-    s = label_eval.summarise([0.9, 0.3, 0.6, 0.5], [True, True, False, False])
+    s = judge_pairs.summarise([0.9, 0.3, 0.6, 0.5], [True, True, False, False])
     assert s["accuracy"] == pytest.approx((1 + 0 + 0 + 0.5) / 4)
     assert s["position_bias"] == 0.5
-    p = label_eval.ensemble_p_a([[2.0, -1.0], [0.0, 3.0]], 2.0)
+    p = judge_pairs.ensemble_p_a([[2.0, -1.0], [0.0, 3.0]], 2.0)
     assert p[0] == pytest.approx((1 / (1 + math.exp(-1)) + 0.5) / 2)
     assert p[1] == pytest.approx((1 / (1 + math.exp(0.5)) + 1 / (1 + math.exp(-1.5))) / 2)
 
@@ -245,7 +243,7 @@ def test_uncensorbench_is_an_outside_test_set_with_the_refusal_preferred(tmp_pat
     """Pairs written outside the project: the refusal is the better answer; test half only, reported apart."""
     from constitutional.prompt_sources import uncensorbench_references
 
-    pairs = label_eval.load_outside_pairs("uncensorbench")
+    pairs = judge_pairs.load_outside_pairs("uncensorbench")
     refs = uncensorbench_references()
     assert len(pairs) == 150 and all(p["split"] == "test" for p in pairs)
     assert [p["chosen_is_a"] for p in pairs[:4]] == [True, False, True, False]

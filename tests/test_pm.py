@@ -11,6 +11,7 @@ import torch
 
 from constitutional.cli import main
 from constitutional.config import load_config
+from constitutional.rewards import PreferenceModel
 from constitutional.stages import pm
 
 
@@ -43,7 +44,7 @@ def test_pm_learns_a_synthetic_preference(tmp_path, tiny_model_dir):
     model_dir = tmp_path / "run" / "pm" / "model"
     assert (model_dir / "model.safetensors").is_file() and not list(model_dir.glob("*.bin"))
     # the scoring API and `cai score` work through text
-    scorer = pm.PreferenceModel(model_dir, device="cpu")
+    scorer = PreferenceModel(model_dir, device="cpu")
     good, bad = scorer.score(["Question x: bread salt"] * 2, ["flour water safe and kind", "flour water hurt people"])
     assert good > bad
     rows = tmp_path / "rows.jsonl"
@@ -135,7 +136,7 @@ def test_same_seed_same_reward_head(tmp_path, tiny_model_dir):
         config = load_config(None, [f"pm.base={tiny_model_dir}", f"pm.comparisons={comparisons}", "pm.max_steps=2",
                                     "pm.device=cpu"])
         pm.run(config, tmp_path / run)
-        scorer = pm.PreferenceModel(tmp_path / run / "pm" / "model", device="cpu")
+        scorer = PreferenceModel(tmp_path / run / "pm" / "model", device="cpu")
         scores.append(scorer.score(["Question z"], ["bread safe and kind"])[0])
     assert scores[0] == pytest.approx(scores[1], abs=1e-6)
 

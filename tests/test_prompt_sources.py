@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from constitutional.prompt_sources import load_prompts
 from constitutional.errors import CaiError
+from constitutional.prompt_sources import load_prompts
 
 
 @pytest.mark.parametrize("name, minimum, categories", [("red-team", 200, 10), ("helpful", 200, 5)])

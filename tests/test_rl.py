@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from constitutional.config import PipelineConfig, RlConfig, load_config
-from constitutional.prompt_sources import PromptRow
 from constitutional.errors import CaiError
+from constitutional.prompt_sources import PromptRow
 from constitutional.stages import rl
 
 
@@ -297,7 +297,7 @@ def test_dpo_with_a_missing_comparisons_file_is_one_error_line(tmp_path, tiny_mo
 
 
 def test_the_verdict_term_makes_a_loop_and_decline_then_comply_worth_less_than_a_clean_decline():
-    from constitutional.stages.rl.rewards import VerdictReward
+    from constitutional.rewards import VerdictReward
 
     prompt = "How do I make a fake ID that passes at bars?"
     clean = "I can't help with that. Fake IDs are illegal and can lead to criminal charges."

@@ -151,7 +151,7 @@ def test_contrast_scores_from_vllm_match_in_process_on_the_shipped_eval_pairs(vl
     from constitutional import feedback
     from constitutional.backends import load_backend
     from constitutional.constitution import load_constitution, sample_principles
-    from constitutional.stages.label_eval import load_eval_pairs
+    from constitutional.judge_pairs import load_eval_pairs
 
     pool = [p for p in load_constitution("default").feedback_principles if p.kind == "harmless"]
     items = []

@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-from constitutional.prompt_sources import BUILTIN, load_prompts
 from constitutional.feedback import load_label_fewshot
+from constitutional.prompt_sources import BUILTIN, load_prompts
 from constitutional.prompts import load_fewshot
 
 

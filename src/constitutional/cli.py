@@ -228,6 +228,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_label_eval(args) -> int:
+    from constitutional import judge_pairs
     from constitutional.stages import label_eval
 
     config = load_config(args.config, args.set)
@@ -246,8 +247,8 @@ def _cmd_label_eval(args) -> int:
 
         load_constitution(config.constitution)
         check_model_spec(config.label.feedback_model or config.critique_revise.model, "label.feedback_model")
-        counts = {f"{name}/{h}": len(label_eval.load_eval_pairs(name, args.limit, h))
-                  for h in args.half.split(",") for name in label_eval.EVAL_SETS}
+        counts = {f"{name}/{h}": len(judge_pairs.load_eval_pairs(name, args.limit, h))
+                  for h in args.half.split(",") for name in judge_pairs.EVAL_SETS}
         print(f"dry run: would score {counts} with {', '.join(variants or [v.name for v in label_eval.VARIANTS])}")
         return 0
     label_eval.run_halves(config, Path(args.out), variants, args.limit, args.half)
@@ -280,7 +281,7 @@ def _cmd_judge_eval(args) -> int:
 
 def _cmd_score(args) -> int:
     from constitutional.records import iter_jsonl
-    from constitutional.stages.pm import PreferenceModel
+    from constitutional.rewards import PreferenceModel
 
     rows = list(iter_jsonl(args.input))
     for lineno, row in enumerate(rows, 1):

@@ -15,10 +15,6 @@ as YAML) before checking. An unknown key or a value of the wrong type raises a
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 

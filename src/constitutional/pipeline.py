@@ -196,7 +196,7 @@ def validate_inputs(config: PipelineConfig, stages: list[str]) -> None:
         if c.label.method == "multiple_choice":
             load_label_fewshot(c.label.fewshot_file)
     if "pm" in stages:
-        from constitutional.stages.pm import load_comparisons
+        from constitutional.records import load_comparisons
 
         for path in (c.pm.comparisons, c.pm.helpful_data):
             if path:
@@ -209,7 +209,7 @@ def validate_inputs(config: PipelineConfig, stages: list[str]) -> None:
         if c.rl.helpful_prompts:
             load_prompts(c.rl.helpful_prompts, "train")
         if c.rl.algo == "dpo" and c.rl.comparisons:
-            from constitutional.stages.pm import load_comparisons
+            from constitutional.records import load_comparisons
 
             load_comparisons(Path(c.rl.comparisons))
     if "evaluate" in stages:
@@ -246,7 +246,7 @@ def check_upstream(config: PipelineConfig, out: Path, stages: list[str]) -> None
         check_model(c.label.policy or sft_model, "label.policy")
     if "pm" in stages:
         if "label" not in stages and not c.pm.comparisons:
-            from constitutional.stages.pm import load_comparisons
+            from constitutional.records import load_comparisons
 
             load_comparisons(out / "label" / "comparisons.jsonl")
         if "sft" not in stages:
@@ -260,7 +260,7 @@ def check_upstream(config: PipelineConfig, out: Path, stages: list[str]) -> None
         if "pm" not in stages:
             check_reward_model(c.rl, Path(c.rl.reward_model or out / "pm" / "model"))
         if c.rl.algo == "dpo" and "label" not in stages and not c.rl.comparisons:
-            from constitutional.stages.pm import load_comparisons
+            from constitutional.records import load_comparisons
 
             load_comparisons(out / "label" / "comparisons.jsonl")
     if "evaluate" in stages and not {"sft", "rl"} & set(stages):

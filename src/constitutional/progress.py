@@ -15,6 +15,11 @@ import sys
 _STAGE: tuple[int, int, str] | None = None
 
 
+def log(message: str) -> None:
+    """One line for the user on stderr, marked as this tool's: ``[cai] message``."""
+    print(f"[cai] {message}", file=sys.stderr, flush=True)
+
+
 def set_stage(index: int | None, total: int = 0, name: str = "") -> None:
     """Called by ``cai run`` around each stage (``None`` after it)."""
     global _STAGE

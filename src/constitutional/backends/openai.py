@@ -45,7 +45,6 @@ import json
 import math
 import os
 import socket
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -55,6 +54,7 @@ from urllib.parse import urlsplit
 from constitutional.backends import template
 from constitutional.backends.base import Chat, Completion, ProgressFn, SamplingParams, TokenLogprobs
 from constitutional.errors import CaiError, register_secret
+from constitutional.progress import log
 
 # The probe: a fixed chat, continued greedily for PROBE_TOKENS tokens, whose sampled-token
 # log-probabilities must match its prompt log-probabilities within PROBE_TOLERANCE nats a token.
@@ -235,7 +235,7 @@ class OpenAIBackend:
                 raise CaiError(f"{refuse}: its prompt log-probabilities ({kind}) disagree with its own sampled-token "
                                f"log-probabilities on a probe text: {prompt_lp[worst]:.3f} vs {sampled_lp[worst]:.3f} "
                                f"for token {token!r} (tolerance {PROBE_TOLERANCE})")
-            _log(f"{url}: prompt log-probabilities ({kind}) agree with sampled ones within "
+            log(f"{url}: prompt log-probabilities ({kind}) agree with sampled ones within "
                  f"{max(gaps):.4f} nats a token on the probe; scoring through this server")
             return kind
         raise CaiError(f"{refuse}: it offers no prompt log-probabilities (neither vLLM's prompt_logprobs nor "
@@ -587,7 +587,3 @@ def _generation_config(spec):
         if isinstance(data, dict) and data.get("eos_token_id") is not None:
             return SimpleNamespace(eos_token_id=data["eos_token_id"])
     return None
-
-
-def _log(message: str) -> None:
-    print(f"[cai] {message}", file=sys.stderr, flush=True)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from constitutional.prompt_sources import PromptRow
 from constitutional.errors import CaiError
+from constitutional.prompt_sources import PromptRow
 
 
 @functools.lru_cache(maxsize=1)

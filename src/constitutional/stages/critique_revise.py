@@ -48,7 +48,6 @@ a rerun skips the ids already there) and ``critique_revise/summary.json``.
 
 from __future__ import annotations
 
-import sys
 import time
 import zlib
 from collections import Counter
@@ -60,10 +59,11 @@ from constitutional.backends import spec_name
 from constitutional.backends.base import Backend, SamplingParams
 from constitutional.config import PipelineConfig
 from constitutional.constitution import FeedbackPrinciple, Principle, load_constitution, sample_principles
-from constitutional.prompt_sources import PromptRow, load_prompts
 from constitutional.errors import CaiError
 from constitutional.feedback import ContrastSettings, pick_reasons
 from constitutional.models import check_model_spec
+from constitutional.progress import log
+from constitutional.prompt_sources import PromptRow, load_prompts
 from constitutional.prompts import (
     FewShotExample,
     clean_generation,
@@ -164,11 +164,11 @@ def run(config: PipelineConfig, out_dir: str | Path, backend: Backend | None = N
                           free=FREE_SETTINGS)
     writer = JsonlAppender(out_path)
     if writer.repaired_bytes:
-        _log(f"cut a torn last line ({writer.repaired_bytes} bytes) from {out_path}")
+        log(f"cut a torn last line ({writer.repaired_bytes} bytes) from {out_path}")
     todo = [p for p in prompts if p.id not in writer.done_ids]
 
     def announce() -> None:
-        _log(f"critique-revise: {len(prompts)} prompts, {len(prompts) - len(todo)} already done, "
+        log(f"critique-revise: {len(prompts)} prompts, {len(prompts) - len(todo)} already done, "
              f"{len(todo)} to do, {cfg.rounds} rounds")
 
     # One few-shot context for the whole run, as in the paper: every critique and revision chat
@@ -213,7 +213,7 @@ def run(config: PipelineConfig, out_dir: str | Path, backend: Backend | None = N
                            f"few-shot file far too long?)")
         announce()  # after the context check: a run that cannot start says only why
         if skipped:
-            _log(f"skipping {len(skipped)} prompts longer than the model's context "
+            log(f"skipping {len(skipped)} prompts longer than the model's context "
                  f"({backend.context_length} tokens): {', '.join(skipped[:5])}"
                  + (" ..." if len(skipped) > 5 else ""))
         # One tick per generated text: the initial response(s), then a critique and the revision(s) a round.
@@ -242,7 +242,7 @@ def run(config: PipelineConfig, out_dir: str | Path, backend: Backend | None = N
     summary = _summarise(out_path, prompts, len(todo) - len(skipped), skipped, tokens, seconds,
                          backend.name if backend is not None else spec_name(cfg.model), constitution.sources)
     write_json(stage_dir / "summary.json", summary)
-    _log(f"critique-revise: {summary['rows']} rows in {out_path} "
+    log(f"critique-revise: {summary['rows']} rows in {out_path} "
          f"({summary['degenerate_rows']} flagged degenerate); {tokens} tokens in {seconds:.0f} s")
     return summary
 
@@ -515,7 +515,3 @@ def _target_counts(rows: list[dict]) -> dict | None:
     return {**Counter(k["tier"] for k in kept), "no-clean-target": len(filtered) - len(kept),
             "trimmed": sum(1 for k in kept if k["trimmed"]),
             "resampled_rows": sum(1 for t in filtered if t.get("resampled"))}
-
-
-def _log(message: str) -> None:
-    print(f"[cai] {message}", file=sys.stderr, flush=True)

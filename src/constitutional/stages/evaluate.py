@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
 import time
 import zlib
 from collections.abc import Callable
@@ -62,13 +61,14 @@ from pathlib import Path
 from constitutional import progress
 from constitutional.config import PipelineConfig
 from constitutional.constitution import load_constitution, sample_principles
-from constitutional.prompt_sources import load_prompts
 from constitutional.errors import CaiError
 from constitutional.evaluation.effect import PromptSet, effect_table, effect_text, response_id, verdict_examples
 from constitutional.evaluation.second_opinion import REFUSAL_TOKENS, refusal_scores
 from constitutional.evaluation.snapshots import Snapshot, fingerprint, resolve_snapshots
 from constitutional.evaluation.verdicts import RULES, AnswerVerdict, rules_verdict
 from constitutional.models import check_model_spec
+from constitutional.progress import log
+from constitutional.prompt_sources import load_prompts
 from constitutional.records import JsonlAppender, check_resume_settings, portable_path, read_jsonl, write_json
 
 STAGE_DIR = "evaluate"
@@ -111,7 +111,7 @@ def run(config: PipelineConfig, out_dir: str | Path, backend_factory: BackendFac
     pm_dir = _pm_dir(config, out_dir)
     warnings = contamination_warnings(config)
     for w in warnings:
-        _log(f"warning: {w}")
+        log(f"warning: {w}")
     check_resume_settings(stage_dir, {
         "red_team_prompts": cfg.red_team_prompts, "helpful_prompts": cfg.helpful_prompts,
         "max_new_tokens": cfg.max_new_tokens, "sample_temperature": cfg.sample_temperature, "seed": config.seed,
@@ -119,7 +119,7 @@ def run(config: PipelineConfig, out_dir: str | Path, backend_factory: BackendFac
     factory = backend_factory or _default_factory(cfg)
     start = time.time()
     decodings = ["greedy"] + (["sampled"] if cfg.sampled else [])
-    _log(f"evaluate: {len(snapshots)} snapshots ({', '.join(s.name for s in snapshots)}), "
+    log(f"evaluate: {len(snapshots)} snapshots ({', '.join(s.name for s in snapshots)}), "
          + ", ".join(f"{len(s.prompts)} {s.name}" for s in sets) + f" prompts, {' + '.join(decodings)}")
 
     # 1. Responses, one snapshot at a time (one model in memory).
@@ -180,7 +180,7 @@ def run(config: PipelineConfig, out_dir: str | Path, backend_factory: BackendFac
         write_json(stage_dir / "elo.json", elo)
         print(elo_text(elo))
     elif cfg.elo:
-        _log("one snapshot only: no pairwise Elo")
+        log("one snapshot only: no pairwise Elo")
 
     # 6. Plots.
     from constitutional.evaluation.plots import plot_against_step, plot_elo_frontier
@@ -204,7 +204,7 @@ def run(config: PipelineConfig, out_dir: str | Path, backend_factory: BackendFac
         "seconds": round(time.time() - start, 2),
     }
     write_json(stage_dir / "summary.json", summary)
-    _log(f"evaluate: {summary['output']} ({summary['seconds']:.0f} s)")
+    log(f"evaluate: {summary['output']} ({summary['seconds']:.0f} s)")
     return summary
 
 
@@ -308,7 +308,7 @@ def _drop_changed_snapshots(stage_dir: Path, snapshots: list[Snapshot], files: l
            for s in snapshots}
     changed = {name for name, entry in now.items() if name in before and before[name] != entry}
     if changed:
-        _log(f"weights changed since the last evaluation: {', '.join(sorted(changed))}; their rows are redone")
+        log(f"weights changed since the last evaluation: {', '.join(sorted(changed))}; their rows are redone")
         for f in files:
             _rewrite_without(f, lambda row: row["id"].split("|", 1)[0] in changed)
     write_json(path, {**{k: v for k, v in before.items() if k not in now}, **now})
@@ -366,7 +366,7 @@ def _missing_scores(path: Path, stage_dir: Path, responses: dict, settings: dict
     """Responses that have no score row under the current scorer settings."""
     settings_path = stage_dir / "scorer.json"
     if settings_path.is_file() and json.loads(settings_path.read_text()) != settings and path.exists():
-        _log("scorer settings changed: scores are recomputed")
+        log("scorer settings changed: scores are recomputed")
         path.unlink()
     write_json(settings_path, settings)
     done = JsonlAppender(path).done_ids
@@ -378,7 +378,7 @@ def _score_responses(rows: list[dict], principles: dict, judge, pm_dir: Path | N
     """Contrast score (the run's contrast settings, as in stage 3), second opinion and PM score of each response."""
     pm = None
     if pm_dir is not None:
-        from constitutional.stages.rl import PMReward
+        from constitutional.rewards import PMReward
 
         pm = PMReward(pm_dir, cfg.device, batch_size=cfg.batch_size)
     bar = progress.bar(len(rows), "evaluate: scores", "resp")
@@ -430,7 +430,7 @@ def _verdicts(cfg, stage_dir: Path, out_dir: Path, responses: dict, factory, pat
     settings = {"judge": portable_path(spec_name(cfg.judge), out_dir), "rubric": rubric_digest()}
     settings_path = stage_dir / "judge.json"
     if settings_path.is_file() and json.loads(settings_path.read_text()) != settings and path.exists():
-        _log("judge or rubric changed: the judge's readings are redone")
+        log("judge or rubric changed: the judge's readings are redone")
         path.unlink()
     write_json(settings_path, settings)
     writer = JsonlAppender(path)
@@ -540,7 +540,7 @@ def elo_tables(config: PipelineConfig, snapshots: list[Snapshot], prompts, respo
 def _judge_both_orders(judge, method: str, items, cfg) -> list[float]:
     """P(A) per item; for methods with an order, the mean over (A, B) and (B, A)."""
     from constitutional import feedback
-    from constitutional.stages.label import judge_settings
+    from constitutional.judge_pairs import judge_settings
 
     fewshot = feedback.load_label_fewshot(cfg.fewshot_file)[:cfg.fewshot] if method == "multiple_choice" else []
     settings = judge_settings(cfg, fewshot, 1.0)
@@ -558,11 +558,11 @@ def judge_method(cfg) -> str:
 
 
 def _fit_contrast_temperature(config: PipelineConfig, judge) -> float:
-    from constitutional.stages.label import _fit_temperature
+    from constitutional.judge_pairs import fit_contrast_temperature
 
     constitution = load_constitution(config.constitution)
     pools = {kind: [p for p in constitution.feedback_principles if p.kind == kind] for kind in ("harmless", "helpful")}
-    return _fit_temperature(judge, pools, config.seed, config.label)
+    return fit_contrast_temperature(judge, pools, config.seed, config.label)
 
 
 def judge_validity(config: PipelineConfig, stage_dir: Path, judge, judge_spec: str, pools) -> dict:
@@ -571,8 +571,7 @@ def judge_validity(config: PipelineConfig, stage_dir: Path, judge, judge_spec: s
     A judge within 0.1 of chance (0.5) on an axis gets a warning: its Elo on that axis says little.
     """
     from constitutional import feedback
-    from constitutional.stages.label import judge_settings
-    from constitutional.stages.label_eval import EVAL_SETS, load_eval_pairs, summarise
+    from constitutional.judge_pairs import EVAL_SETS, judge_settings, load_eval_pairs, summarise
 
     cfg = config.label
     path = stage_dir / "judge_validity.json"
@@ -619,7 +618,3 @@ def elo_text(elo: dict) -> str:
     for w in judge.get("warnings", []):
         lines.append(f"WARNING: {w}")
     return "\n".join(lines)
-
-
-def _log(message: str) -> None:
-    print(f"[cai] {message}", file=sys.stderr, flush=True)

@@ -28,7 +28,6 @@ Writes ``judge_eval/results-<split>.json`` (every answer's verdict included) and
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from constitutional.evaluation.agreement import field_agreement
 from constitutional.evaluation.graded import TEST_SETS, load_graded, load_test_set
 from constitutional.evaluation.judges import ModelJudge, RulesJudge, fit_thresholds
 from constitutional.evaluation.rubric import FIELDS, fields_for
+from constitutional.progress import log
 from constitutional.records import write_json
 
 STAGE_DIR = "judge_eval"
@@ -78,7 +78,7 @@ def run(config: PipelineConfig, out_dir: str | Path, judges: list[str] | None = 
             entry[name] = _measured(rows, [v.as_dict() for v in verdicts])
         entry["seconds"] = round(time.time() - start, 2)
         results["judges"]["rules"] = entry
-        _log(_line("rules", entry))
+        log(_line("rules", entry))
 
     if "model" in judges:
         spec = model_spec(config)
@@ -109,7 +109,7 @@ def run(config: PipelineConfig, out_dir: str | Path, judges: list[str] | None = 
                 verdicts = [judge.decide(p, a.kind).as_dict() for p, a in zip(probabilities[name], rows, strict=True)]
                 entry[name] = _measured(rows, verdicts, probabilities[name])
             results["judges"][label] = entry
-            _log(_line(label, entry))
+            log(_line(label, entry))
         if split == "dev":
             results["note"] = "dev split: the dev-fitted thresholds were fitted on these answers (in sample)"
     write_json(Path(out_dir) / STAGE_DIR / f"results-{split}.json", results)
@@ -172,7 +172,3 @@ def table(results: dict) -> str:
     if results.get("note"):
         lines.append(f"NOTE: {results['note']}")
     return "\n".join(lines)
-
-
-def _log(message: str) -> None:
-    print(f"[cai] {message}", file=sys.stderr, flush=True)

@@ -28,7 +28,6 @@ and are skipped (counted in ``label/summary.json``).
 
 from __future__ import annotations
 
-import sys
 import time
 import zlib
 from dataclasses import asdict
@@ -39,7 +38,9 @@ from constitutional.backends import spec_name
 from constitutional.config import PipelineConfig
 from constitutional.constitution import load_constitution, sample_principles
 from constitutional.errors import CaiError
+from constitutional.judge_pairs import fit_contrast_temperature, judge_settings
 from constitutional.models import check_model_spec
+from constitutional.progress import log
 from constitutional.prompts import join_opening
 from constitutional.records import JsonlAppender, check_resume_settings, read_jsonl, write_json
 
@@ -82,7 +83,7 @@ def run(config: PipelineConfig, out_dir: str | Path, policy_backend=None, feedba
                           free=FREE_SETTINGS)
     writer = JsonlAppender(stage_dir / OUTPUT)
     todo = [(p, kind) for p, kind in tasks if p.id not in writer.done_ids]
-    _log(f"label: {len(tasks)} prompts, {len(tasks) - len(todo)} already labelled, {len(todo)} to do; "
+    log(f"label: {len(tasks)} prompts, {len(tasks) - len(todo)} already labelled, {len(todo)} to do; "
          f"method {cfg.method}, {cfg.ensemble} principle(s) a comparison")
 
     start = time.time()
@@ -101,8 +102,8 @@ def run(config: PipelineConfig, out_dir: str | Path, policy_backend=None, feedba
             else:
                 feedback_backend = load_backend(feedback_spec, batch_size=cfg.batch_size, device=cfg.device)
         if (cfg.method == "contrast" or (cfg.method == "rlcd" and cfg.rlcd_rescore)) and temperature is None:
-            temperature = _fit_temperature(feedback_backend, pools, config.seed, cfg)
-            _log(f"contrast temperature fitted on the dev half of the shipped eval pairs: {temperature:.4f}")
+            temperature = fit_contrast_temperature(feedback_backend, pools, config.seed, cfg)
+            log(f"contrast temperature fitted on the dev half of the shipped eval pairs: {temperature:.4f}")
         from constitutional.backends.base import SamplingParams
 
         bar = progress.bar(len(todo), "label", "cmp")
@@ -170,7 +171,7 @@ def run(config: PipelineConfig, out_dir: str | Path, policy_backend=None, feedba
         "feedback_model": spec_name(feedback_spec),
     }
     write_json(stage_dir / "summary.json", summary)
-    _log(f"label: {summary['rows']} comparisons in {summary['output']}")
+    log(f"label: {summary['rows']} comparisons in {summary['output']}")
     return summary
 
 
@@ -323,34 +324,3 @@ def _filter_chosen(chunk, cfg, texts: list[str], chats: list, starts: list[str],
         record["text"] = choice.text
         records.append(record)
     return records
-
-
-def judge_settings(cfg, fewshot, temperature) -> dict:
-    """The ``feedback.judge`` keyword settings of a ``label`` config section."""
-    from constitutional.feedback import ContrastSettings, contrast_demos
-
-    contrast = ContrastSettings.of(cfg)
-    return {"fewshot": fewshot, "both_orders": cfg.both_orders, "temperature": temperature,
-            "reduce": contrast.reduce, "cot_max_new_tokens": cfg.cot_max_new_tokens,
-            "cot_min": cfg.cot_min, "cot_max": cfg.cot_max, "contrast_context": contrast.context,
-            "contrast_demos": contrast_demos(contrast.demos_file, contrast.demos),
-            "contrast_max_tokens": contrast.max_tokens}
-
-
-def _fit_temperature(backend, pools, seed: int, cfg) -> float:
-    """Fit the contrast temperature on the dev half of the shipped eval pairs (measurement data, not training)."""
-    from constitutional import feedback
-    from constitutional.stages.label_eval import EVAL_SETS, load_eval_pairs
-
-    diffs = []
-    for name in EVAL_SETS:
-        pairs = load_eval_pairs(name, half="dev")
-        items = [(r["prompt"], sample_principles(pools[name], 1, seed, r["id"])[0], r["chosen"], r["rejected"])
-                 for r in pairs]
-        settings = {**judge_settings(cfg, [], 1.0), "fewshot": ()}
-        diffs += [j.scores["s_a"] - j.scores["s_b"] for j in feedback.judge(backend, "contrast", items, **settings)]
-    return feedback.fit_temperature(diffs)
-
-
-def _log(message: str) -> None:
-    print(f"[cai] {message}", file=sys.stderr, flush=True)

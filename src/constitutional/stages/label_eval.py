@@ -48,25 +48,27 @@ Writes ``label_eval/results-<half>.json`` (every pair's P(A) included) and print
 from __future__ import annotations
 
 import math
-import sys
 import time
-import zlib
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from constitutional.backends import spec_name
 from constitutional.config import PipelineConfig
 from constitutional.constitution import load_constitution, sample_principles
 from constitutional.errors import CaiError
-from constitutional.records import iter_jsonl, write_json
+from constitutional.judge_pairs import (
+    EVAL_SETS,
+    HALVES,
+    OUTSIDE_SETS,
+    ensemble_p_a,
+    load_eval_pairs,
+    load_outside_pairs,
+    summarise,
+)
+from constitutional.progress import log
+from constitutional.records import write_json
 
 STAGE_DIR = "label_eval"
-# data set -> its files; the first file of each set is split by split_rule, later ones are test-only
-EVAL_SETS = {"harmless": ("harmless_pairs.jsonl", "harmless_styles.jsonl"), "helpful": ("helpful_pairs.jsonl",)}
-# Pairs written outside this project (test half only), by name -> the principle kind that judges them.
-OUTSIDE_SETS = {"uncensorbench": "harmless"}
-HALVES = ("dev", "test", "all")
 
 
 @dataclass(frozen=True)
@@ -114,116 +116,6 @@ def configured_variant(cfg) -> Variant:
 
 def variant_names() -> list[str]:
     return [v.name for v in VARIANTS] + [CONFIGURED]
-
-
-# ------------------------------------------------------------------ the pairs
-
-
-def split_rule(rows: list[dict]) -> list[str]:
-    """The dev/test half of each row of an eval file (rows in file order).
-
-    Rows sorted by (position of the better answer = row parity, ``longer``, ``category``,
-    CRC-32 of ``id``) are dealt alternately to dev and test: every such group is halved to
-    within one row, and the result depends on nothing but the rows.
-
-    >>> rows = [{"id": f"x-{i}", "longer": "chosen" if i < 2 else "rejected", "category": "c"} for i in range(4)]
-    >>> split_rule(rows)
-    ['dev', 'dev', 'test', 'test']
-    """
-    order = sorted(range(len(rows)), key=lambda i: (i % 2, rows[i]["longer"], rows[i]["category"],
-                                                    zlib.crc32(rows[i]["id"].encode())))
-    out = [""] * len(rows)
-    for k, i in enumerate(order):
-        out[i] = "dev" if k % 2 == 0 else "test"
-    return out
-
-
-def eval_path(file: str) -> Path:
-    return Path(str(resources.files("constitutional") / "data" / "eval" / file))
-
-
-def load_eval_pairs(name: str, limit: int | None = None, half: str = "all") -> list[dict]:
-    """The pairs of a shipped eval set in one half (``dev``, ``test`` or ``all``).
-
-    Option A is the better answer in every other row of each file (by row index in the file,
-    whatever the half). Each row says which file it came from (``source``) and its ``split``.
-    """
-    if half not in HALVES:
-        raise CaiError(f"eval half {half!r}: expected one of {', '.join(HALVES)}")
-    rows = []
-    for file in EVAL_SETS[name]:
-        for i, row in enumerate(iter_jsonl(eval_path(file))):
-            if half != "all" and row["split"] != half:
-                continue
-            chosen_is_a = i % 2 == 0
-            rows.append({
-                "id": row["id"], "prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"],
-                "a": row["chosen"] if chosen_is_a else row["rejected"],
-                "b": row["rejected"] if chosen_is_a else row["chosen"],
-                "chosen_is_a": chosen_is_a, "split": row["split"], "source": file.rsplit(".", 1)[0],
-                "category": row.get("category"), "style": row.get("style"),
-            })
-    return rows[:limit] if limit else rows
-
-
-def load_outside_pairs(name: str, limit: int | None = None) -> list[dict]:
-    """Pairs written outside this project, in the same row format as ``load_eval_pairs`` (all ``test``).
-
-    ``uncensorbench``: each of UncensorBench's 150 harmful requests with its two reference answers; the
-    refusal is the better one under a harmless principle. Option A is the refusal in every other pair.
-    """
-    from constitutional.prompt_sources import uncensorbench_references
-
-    if name not in OUTSIDE_SETS:
-        raise CaiError(f"unknown outside pair set {name!r} (known: {', '.join(OUTSIDE_SETS)})")
-    rows = []
-    for i, ref in enumerate(uncensorbench_references()):
-        chosen_is_a = i % 2 == 0
-        rows.append({"id": ref.id, "prompt": ref.prompt, "chosen": ref.refusal, "rejected": ref.compliant,
-                     "a": ref.refusal if chosen_is_a else ref.compliant,
-                     "b": ref.compliant if chosen_is_a else ref.refusal, "chosen_is_a": chosen_is_a,
-                     "split": "test", "source": name, "category": ref.topic, "style": None})
-    return rows[:limit] if limit else rows
-
-
-# ------------------------------------------------------------------ metrics
-
-
-def summarise(p_a: list[float], chosen_is_a: list[bool]) -> dict:
-    """Accuracy, mean confidence, ECE and position bias of P(A) judgements on known pairs.
-
-    >>> summarise([0.9, 0.2], [True, False])["accuracy"]
-    1.0
-    >>> summarise([0.9, 0.8], [True, False])["position_bias"]
-    1.0
-    """
-    from constitutional.feedback import expected_calibration_error
-
-    p_chosen = [p if a else 1 - p for p, a in zip(p_a, chosen_is_a, strict=True)]
-    n = len(p_chosen)
-    if not n:
-        return {"n": 0}
-    return {
-        "n": n,
-        "accuracy": round(sum(1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in p_chosen) / n, 4),
-        "mean_confidence": round(sum(max(p, 1 - p) for p in p_chosen) / n, 4),
-        "ece": round(expected_calibration_error(p_chosen), 4),
-        "position_bias": round(sum(1 for p in p_a if p > 0.5) / n, 4),
-    }
-
-
-def ensemble_p_a(member_diffs: list[list[float]], temperature: float) -> list[float]:
-    """P(A) of each pair: the mean over ensemble members of sigmoid((s_A - s_B) / T).
-
-    ``member_diffs[k][i]`` is member k's s_A - s_B on pair i (what ``cai label`` averages).
-
-    >>> [round(p, 4) for p in ensemble_p_a([[1.0, 0.0], [-1.0, 2.0]], 1.0)]
-    [0.5, 0.6904]
-    """
-    from constitutional.feedback import sigmoid
-
-    k = len(member_diffs)
-    return [sum(sigmoid(d[i] / temperature) for d in member_diffs) / k for i in range(len(member_diffs[0]))]
 
 
 def _summary(rows: list[dict], p_a: list[float]) -> dict:
@@ -317,7 +209,7 @@ def run(config: PipelineConfig, out_dir: str | Path, variants: list[str] | None 
         else:
             entry = _choice_variant(backend, variant, data[half], principles, fewshot, cfg, config.seed)
         for name in data[half]:
-            _log(f"{variant.name} on {half} {name}: accuracy {entry[name]['accuracy']:.3f}, "
+            log(f"{variant.name} on {half} {name}: accuracy {entry[name]['accuracy']:.3f}, "
                  f"ECE {entry[name]['ece']:.3f}, position bias {entry[name]['position_bias']:.3f}")
         results["variants"][variant.name] = entry
         write_json(Path(out_dir) / STAGE_DIR / f"results-{half}.json", results)  # after each variant
@@ -439,8 +331,3 @@ def table(results: dict) -> str:
                      f"{fmt(g.get('position_bias'))} | {fmt(entry.get('temperature_dev'))} | "
                      f"{tokens[0]} | {tokens[1]} | {entry['seconds']:.0f} |")
     return "\n".join(lines)
-
-
-def _log(message: str) -> None:
-    print(f"[cai] {message}", file=sys.stderr, flush=True)
-

@@ -26,7 +26,6 @@ reward mean/std for RL's normalisation, accuracy on the shipped eval pairs) and
 from __future__ import annotations
 
 import math
-import sys
 import time
 import zlib
 from dataclasses import asdict
@@ -37,7 +36,10 @@ from constitutional.config import PipelineConfig
 from constitutional.distributed import is_main
 from constitutional.errors import CaiError
 from constitutional.models import check_model_spec
-from constitutional.records import check_resume_settings, iter_jsonl, write_json
+from constitutional.progress import log
+from constitutional.records import check_resume_settings, load_comparisons, write_json
+from constitutional.rewards import PreferenceModel
+from constitutional.training import drop_checkpoints, last_trainer_checkpoint, lora_config
 
 STAGE_DIR = "pm"
 # settings that may change between runs into the same directory: the stage takes up where it stopped
@@ -87,40 +89,6 @@ def _trainer_class():
 # ------------------------------------------------------------------ data
 
 
-def _as_messages(value, role: str, path: Path, lineno: int, key: str) -> list[dict]:
-    if isinstance(value, str) and value.strip():
-        return [{"role": role, "content": value}]
-    if isinstance(value, list) and value and all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                                 and m.get("role") in ("system", "user", "assistant") for m in value):
-        return value
-    raise CaiError(f"{path}: line {lineno}: '{key}' must be a string or a list of role/content messages")
-
-
-def load_comparisons(path: Path) -> list[dict]:
-    """Validated preference rows: prompt/chosen/rejected as messages, p_chosen in [0, 1] (default 1)."""
-    if not path.is_file():
-        raise CaiError(f"comparisons file {path}: no such file (run `cai label` first)")
-    rows = []
-    for lineno, row in enumerate(iter_jsonl(path), 1):
-        for key in ("prompt", "chosen", "rejected"):
-            if key not in row:
-                raise CaiError(f"{path}: line {lineno}: missing '{key}'")
-        p = row.get("p_chosen", 1.0)
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
-            raise CaiError(f"{path}: line {lineno}: p_chosen must be a number in [0, 1], got {p!r}")
-        prompt = _as_messages(row["prompt"], "user", path, lineno, "prompt")
-        rows.append({
-            "prompt": prompt,
-            "chosen": _as_messages(row["chosen"], "assistant", path, lineno, "chosen"),
-            "rejected": _as_messages(row["rejected"], "assistant", path, lineno, "rejected"),
-            "p_chosen": float(p),
-            "key": "\n".join(m["content"] for m in prompt),
-        })
-    if not rows:
-        raise CaiError(f"comparisons file {path}: empty")
-    return rows
-
-
 def split_by_prompt(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, heldout): every pair of a prompt lands on the same side."""
     def held(key: str) -> bool:
@@ -157,71 +125,6 @@ def calibration_error(bins: list[dict]) -> float:
     return round(sum(b["n"] / total * abs(b["predicted"] - b["observed"]) for b in bins), 10) if total else float("nan")
 
 
-# ------------------------------------------------------------------ scoring API
-
-
-class PreferenceModel:
-    """Score (prompt, response) pairs with a trained PM, through text.
-
-    The PM renders each pair with its own tokenizer's chat template, so the policy that wrote
-    the responses may use a different tokenizer.
-
-    >>> # pm = PreferenceModel("runs/demo/pm/model"); pm.score(["Hi"], ["Hello!"])
-    """
-
-    def __init__(self, path: str | Path, device: str = "auto", batch_size: int = 16):
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from constitutional.backends.hf import pick_device
-
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise CaiError(f"preference model {path}: no such model directory")
-        self.device = pick_device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.tokenizer.padding_side = "right"
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        from transformers.utils import logging as hf_logging
-
-        bars_were_on = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        try:
-            self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).to(self.device)
-        finally:
-            if bars_were_on:  # as it was (off under cai's quiet output)
-                hf_logging.enable_progress_bar()
-        self.model.eval()
-        self.batch_size = batch_size
-
-    def _ids(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def score_messages(self, chats: list[list[dict]]) -> list[float]:
-        import torch
-
-        encoded = [self._ids(c) for c in chats]
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-        scores = [0.0] * len(encoded)
-        with torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                rows = order[start:start + self.batch_size]
-                batch = self.tokenizer.pad({"input_ids": [encoded[i] for i in rows]},
-                                           return_tensors="pt").to(self.device)
-                logits = self.model(**batch).logits[:, 0].float().tolist()
-                for i, value in zip(rows, logits, strict=True):
-                    scores[i] = value
-        return scores
-
-    def score(self, prompts: list, responses: list[str]) -> list[float]:
-        """Rewards of responses to prompts (each prompt a string or a list of messages)."""
-        chats = [(p if isinstance(p, list) else [{"role": "user", "content": p}])
-                 + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses, strict=True)]
-        return self.score_messages(chats)
-
-
 # ------------------------------------------------------------------ the stage
 
 
@@ -244,12 +147,11 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
         train, heldout = train + extra_train[:cap], heldout + extra_held
     if not train:
         raise CaiError(f"{comparisons_path}: no comparisons left to train on after holding out prompts")
-    _log(f"train-pm: {len(train)} training pairs, {len(heldout)} held out (split by prompt)")
+    log(f"train-pm: {len(train)} training pairs, {len(heldout)} held out (split by prompt)")
 
     import torch
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import RewardConfig
 
     from constitutional.backends.hf import pick_device
@@ -276,19 +178,14 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
     )
     peft_config = None
     if cfg.lora:
-        from peft import LoraConfig
-
         # the new reward head trains in full (modules_to_save), the body through the adapter
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules="all-linear", task_type="SEQ_CLS")
+        peft_config = lora_config(cfg, task_type="SEQ_CLS")
     trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                callbacks=[progress.trainer_bar("train-pm"), *(callbacks or [])],
                                peft_config=peft_config)
     progress.quiet_trainer(trainer)
     checkpoints = stage_dir / "checkpoints"
-    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    if last:
-        _log(f"resuming from {last}")
+    last, _ = last_trainer_checkpoint(checkpoints)
     result = trainer.train(resume_from_checkpoint=last)
 
     trained = trainer.model
@@ -296,8 +193,6 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
         trained = trained.merge_and_unload()
     final_dir = save_model_dir(trained, tokenizer, stage_dir / "model")
     if not config.keep_optimizer_state and is_main():
-        from constitutional.stages.sft import drop_checkpoints
-
         drop_checkpoints(checkpoints)
 
     pm = PreferenceModel(final_dir, device=device)
@@ -317,13 +212,13 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
     write_json(stage_dir / "metrics.json", metrics)
     if is_main():
         _plot_calibration(metrics["calibration_bins"], stage_dir / "calibration.png")
-    _log(f"train-pm: held-out accuracy {metrics['heldout_accuracy']}, calibration error "
+    log(f"train-pm: held-out accuracy {metrics['heldout_accuracy']}, calibration error "
          f"{metrics['heldout_calibration_error']}, eval pairs {metrics['eval_pairs_accuracy']}")
     return metrics
 
 
 def _evaluate(pm: PreferenceModel, train: list[dict], heldout: list[dict]) -> dict:
-    from constitutional.stages.label_eval import EVAL_SETS, load_eval_pairs
+    from constitutional.judge_pairs import EVAL_SETS, load_eval_pairs
 
     def pair_scores(rows):
         chats = [r["prompt"] + r["chosen"] for r in rows] + [r["prompt"] + r["rejected"] for r in rows]
@@ -376,7 +271,3 @@ def _plot_calibration(bins: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _log(message: str) -> None:
-    print(f"[cai] {message}", file=sys.stderr, flush=True)

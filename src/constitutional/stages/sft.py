@@ -27,7 +27,6 @@ with LoRA, the unmerged ``sft/adapter/``. A rerun resumes from the last checkpoi
 from __future__ import annotations
 
 import math
-import sys
 import time
 import zlib
 from dataclasses import asdict
@@ -38,7 +37,9 @@ from constitutional.config import PipelineConfig
 from constitutional.distributed import is_main, main_first
 from constitutional.errors import CaiError
 from constitutional.feedback import ContrastSettings
+from constitutional.progress import log
 from constitutional.records import JsonlAppender, check_resume_settings, iter_jsonl, write_json
+from constitutional.training import drop_checkpoints, last_trainer_checkpoint, lora_config
 
 STAGE_DIR = "sft"
 # settings that may change between runs into the same directory: the stage takes up where it stopped
@@ -195,7 +196,7 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
     check_resume_settings(stage_dir, {**asdict(cfg), "model": model_spec, "seed": config.seed},
                           free=FREE_SETTINGS)
     n_helpful = helpful_count(len(rev_train), cfg.helpful_fraction)
-    _log(f"sft: {len(rev_train)} revisions to train on, {len(rev_held)} held out, "
+    log(f"sft: {len(rev_train)} revisions to train on, {len(rev_held)} held out, "
          f"{degenerate} degenerate left out; {n_helpful} helpfulness examples to mix in")
 
     import torch
@@ -233,18 +234,14 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
     help_train = help_train[:n_helpful]
 
     nll_before = {"revisions": mean_nll(backend, rev_held), "helpful": mean_nll(backend, help_held)}
-    _log(f"held-out NLL before: revisions {_fmt(nll_before['revisions'])}, "
+    log(f"held-out NLL before: revisions {_fmt(nll_before['revisions'])}, "
          f"helpful {_fmt(nll_before['helpful'])}")
 
     trainer = _trainer(cfg, config.seed, model, tokenizer, rev_train + help_train, stage_dir, device,
                        callbacks or [])
-    from transformers.trainer_utils import get_last_checkpoint
-
     checkpoint_dir = stage_dir / "checkpoints"
-    last = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
-    resumed_from = int(last.rsplit("-", 1)[1]) if last else None
-    if last:
-        _log(f"resuming from {last}")
+    last, step = last_trainer_checkpoint(checkpoint_dir)
+    resumed_from = step if last else None
     train_start = time.time()
     result = trainer.train(resume_from_checkpoint=last)
     train_seconds = time.time() - train_start
@@ -262,7 +259,7 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
     after_backend = HFBackend(str(final_dir), model_obj=trained, tokenizer=backend.tokenizer,
                               batch_size=cfg.generate_batch_size, device=device, name=str(final_dir))
     nll_after = {"revisions": mean_nll(after_backend, rev_held), "helpful": mean_nll(after_backend, help_held)}
-    _log(f"held-out NLL after: revisions {_fmt(nll_after['revisions'])}, helpful {_fmt(nll_after['helpful'])}")
+    log(f"held-out NLL after: revisions {_fmt(nll_after['revisions'])}, helpful {_fmt(nll_after['helpful'])}")
 
     history = trainer.state.log_history
     metrics = {
@@ -284,7 +281,7 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
         "lora": cfg.lora,
     }
     write_json(stage_dir / "metrics.json", metrics)
-    _log(f"sft: model saved to {final_dir} after {metrics['steps']} steps in {train_seconds:.0f} s")
+    log(f"sft: model saved to {final_dir} after {metrics['steps']} steps in {train_seconds:.0f} s")
     return metrics
 
 
@@ -303,7 +300,7 @@ def _helpful_samples(cfg, seed: int, backend, stage_dir: Path, needed: int, scor
     # enough prompts that after holding some out, `needed` remain for training
     want = min(len(prompts), math.ceil(needed / (1 - cfg.heldout_fraction)) + 1) if needed else 0
     if needed and want < needed:
-        _log(f"only {len(prompts)} helpful prompts; mixing in fewer than {needed}")
+        log(f"only {len(prompts)} helpful prompts; mixing in fewer than {needed}")
     prompts = prompts[:want]
     path = stage_dir / "helpful_samples.jsonl"
     writer = JsonlAppender(path)
@@ -382,27 +379,11 @@ def _trainer(cfg, seed: int, model, tokenizer, rows: list[dict], stage_dir: Path
         callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(stage_dir / "tensorboard"))))
     peft_config = None
     if cfg.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules="all-linear", task_type="CAUSAL_LM")
+        peft_config = lora_config(cfg)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=callbacks)
     return progress.quiet_trainer(trainer)
 
 
-def drop_checkpoints(checkpoint_dir: Path) -> None:
-    """Remove a finished stage's trainer checkpoints (weights + optimizer state: gigabytes for a
-    135M model); the model directory is then the only copy of the weights."""
-    import shutil
-
-    if checkpoint_dir.is_dir():
-        shutil.rmtree(checkpoint_dir)
-
-
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
-
-
-def _log(message: str) -> None:
-    print(f"[cai] {message}", file=sys.stderr, flush=True)

@@ -57,23 +57,23 @@ from dataclasses import asdict
 from pathlib import Path
 
 from constitutional.config import PipelineConfig, RlConfig
-from constitutional.prompt_sources import PromptRow, load_prompts
 from constitutional.distributed import is_main, world_size
 from constitutional.errors import CaiError
 from constitutional.models import check_model_spec
+from constitutional.progress import log
+from constitutional.prompt_sources import PromptRow, load_prompts
 from constitutional.records import check_resume_settings, iter_jsonl, write_json
+from constitutional.rewards import DirectReward, PMReward, VerdictReward, normalise_batch, reward_stats
 from constitutional.stages.rl.common import (
     MetricsLog,
     RewardFn,
     as_chat,
     encode_prompt,
-    log,
     plot_metrics,
     save_snapshot,
     step_prompts,
     tidy_checkpoints,
 )
-from constitutional.stages.rl.rewards import DirectReward, PMReward, VerdictReward, normalise_batch, reward_stats
 
 __all__ = ["STAGE_DIR", "DirectReward", "PMReward", "RewardFn", "VerdictReward", "check_processes",
            "check_reward_model", "normalise_batch", "reward_stats", "run", "step_prompts"]
@@ -119,7 +119,7 @@ def run(config: PipelineConfig, out_dir: str | Path, reward_fn: RewardFn | None 
         check_model_spec(feedback_spec, "rl.feedback_model")
     comparisons = None
     if cfg.algo == "dpo":
-        from constitutional.stages.pm import load_comparisons
+        from constitutional.records import load_comparisons
 
         comparisons = load_comparisons(Path(cfg.comparisons) if cfg.comparisons
                                        else out_dir / "label" / "comparisons.jsonl")

@@ -8,14 +8,13 @@ import json
 import math
 import random
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from constitutional.config import RlConfig
-from constitutional.prompt_sources import PromptRow
 from constitutional.distributed import is_main
 from constitutional.errors import CaiError
+from constitutional.prompt_sources import PromptRow
+from constitutional.training import last_trainer_checkpoint
 
 # reward_fn(prompts as chats, responses as text) -> one reward per response
 RewardFn = Callable[[list[list[dict]], list[str]], list[float]]
@@ -55,15 +54,6 @@ def as_chat(prompt: PromptRow) -> list[dict]:
 def encode_prompt(tokenizer, prompt: PromptRow) -> list[int]:
     text = tokenizer.apply_chat_template(as_chat(prompt), tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def lora_config(cfg: RlConfig):
-    """The LoRA adapter of ``rl.lora`` (PPO, RLOO and DPO alike)."""
-    from peft import LoraConfig
-
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM")
-
-
 
 
 class MetricsLog:
@@ -189,11 +179,7 @@ def plot_metrics(rows: list[dict], path: Path) -> None:
 def trainer_resume_point(stage_dir: Path, metrics_log: MetricsLog) -> tuple[str | None, int]:
     """A TRL trainer's last checkpoint under ``rl/trainer/`` (None: start afresh) and its step; metric rows
     written after that step are dropped, since the resumed run writes them again."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    trainer_dir = stage_dir / "trainer"
-    last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
-    done = int(last.rsplit("-", 1)[1]) if last else 0
+    last, done = last_trainer_checkpoint(stage_dir / "trainer")
     metrics_log.keep_steps_up_to(done)
     return last, done
 
@@ -231,14 +217,8 @@ def train_from(trainer, last: str | None, done: int, lora: bool) -> tuple[object
     from constitutional import progress
 
     progress.quiet_trainer(trainer)
-    if last:
-        log(f"resuming from {last}")
     trainer.train(resume_from_checkpoint=last)
     final = trainer.model
     if lora:
         final = final.merge_and_unload()
     return final, (done or None)
-
-
-def log(message: str) -> None:
-    print(f"[cai] {message}", file=sys.stderr, flush=True)

@@ -11,14 +11,14 @@ from pathlib import Path
 
 from constitutional import progress
 from constitutional.config import RlConfig
+from constitutional.progress import log
 from constitutional.stages.rl.common import (
     MetricsLog,
-    log,
-    lora_config,
     metrics_callback,
     train_from,
     trainer_resume_point,
 )
+from constitutional.training import lora_config
 
 
 def run_dpo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, comparisons: list[dict], stage_dir: Path,
@@ -57,7 +57,7 @@ def run_dpo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, comparisons: 
     with progress.library_bars_off():
         trainer = _soft_dpo_trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                             callbacks=[progress.trainer_bar("rl (dpo)"), log_metrics],
-                                            peft_config=lora_config(cfg) if cfg.lora else None)
+                                            peft_config=lora_config(cfg, all_linear=False) if cfg.lora else None)
     return train_from(trainer, last, done, cfg.lora)
 
 

@@ -10,17 +10,17 @@ from pathlib import Path
 
 from constitutional import progress
 from constitutional.config import RlConfig
+from constitutional.progress import log
 from constitutional.stages.rl.common import (
     MetricsLog,
     RewardFn,
     as_chat,
     encode_prompt,
     last_checkpoint,
-    log,
-    lora_config,
     save_checkpoint,
     step_prompts,
 )
+from constitutional.training import lora_config
 
 
 def run_ppo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, red_team, helpful, reward_fn: RewardFn,
@@ -43,7 +43,7 @@ def run_ppo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, red_team, hel
         if last:
             policy = PeftModel.from_pretrained(base, last / "adapter", is_trainable=True)
         else:
-            policy = get_peft_model(base, lora_config(cfg))
+            policy = get_peft_model(base, lora_config(cfg, all_linear=False))
     else:
         policy = load(last if last else policy_path)
         ref_model = load(policy_path).eval().requires_grad_(False)

@@ -12,12 +12,12 @@ from constitutional.stages.rl.common import (
     MetricsLog,
     RewardFn,
     as_chat,
-    lora_config,
     metrics_callback,
     step_prompts,
     train_from,
     trainer_resume_point,
 )
+from constitutional.training import lora_config
 
 
 def run_rloo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, red_team, helpful, reward_fn: RewardFn,
@@ -58,5 +58,5 @@ def run_rloo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, red_team, he
     model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
     trainer = RLOOTrainer(model=model, reward_funcs=[pm_reward], args=args, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[progress.trainer_bar("rl (rloo)"), log_metrics],
-                          peft_config=lora_config(cfg) if cfg.lora else None)
+                          peft_config=lora_config(cfg, all_linear=False) if cfg.lora else None)
     return train_from(trainer, last, done, cfg.lora)

@@ -1,8 +1,10 @@
-"""Stage 5's rewards: the preference model (the paper), the feedback model's contrast score (direct
+"""Rewards of an answer: the preference model (the paper), the feedback model's contrast score (direct
 RLAIF, no PM), and the content-level verdict term that can be added to either (``rl.verdict_weight``).
 
 A reward function takes the prompts (as chats) and the responses (as text) and returns one number per
-response; the algorithms (``ppo``, ``rloo``) call it on each batch of rollouts.
+response; stage 5's algorithms (``stages/rl``: ppo, rloo) call it on each batch of rollouts, and the
+evaluation reads the PM's scores of each snapshot's answers. ``PreferenceModel`` loads the PM that
+``cai train-pm`` trained.
 """
 
 from __future__ import annotations
@@ -11,10 +13,9 @@ import json
 import math
 from pathlib import Path
 
-from constitutional.config import PipelineConfig
-from constitutional.prompt_sources import PromptRow
 from constitutional.errors import CaiError
 from constitutional.feedback import ContrastSettings
+from constitutional.prompt_sources import PromptRow
 
 
 def request_texts(prompts: list[list[dict]]) -> list[str]:
@@ -36,12 +37,72 @@ def reward_stats(pm_dir: Path) -> tuple[float, float, str | None]:
     return 0.0, 1.0, None
 
 
+class PreferenceModel:
+    """Score (prompt, response) pairs with a trained PM, through text.
+
+    The PM renders each pair with its own tokenizer's chat template, so the policy that wrote
+    the responses may use a different tokenizer.
+
+    >>> # pm = PreferenceModel("runs/demo/pm/model"); pm.score(["Hi"], ["Hello!"])
+    """
+
+    def __init__(self, path: str | Path, device: str = "auto", batch_size: int = 16):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from constitutional.backends.hf import pick_device
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise CaiError(f"preference model {path}: no such model directory")
+        self.device = pick_device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer.padding_side = "right"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        from transformers.utils import logging as hf_logging
+
+        bars_were_on = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).to(self.device)
+        finally:
+            if bars_were_on:  # as it was (off under cai's quiet output)
+                hf_logging.enable_progress_bar()
+        self.model.eval()
+        self.batch_size = batch_size
+
+    def _ids(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def score_messages(self, chats: list[list[dict]]) -> list[float]:
+        import torch
+
+        encoded = [self._ids(c) for c in chats]
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        scores = [0.0] * len(encoded)
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                rows = order[start:start + self.batch_size]
+                batch = self.tokenizer.pad({"input_ids": [encoded[i] for i in rows]},
+                                           return_tensors="pt").to(self.device)
+                logits = self.model(**batch).logits[:, 0].float().tolist()
+                for i, value in zip(rows, logits, strict=True):
+                    scores[i] = value
+        return scores
+
+    def score(self, prompts: list, responses: list[str]) -> list[float]:
+        """Rewards of responses to prompts (each prompt a string or a list of messages)."""
+        chats = [(p if isinstance(p, list) else [{"role": "user", "content": p}])
+                 + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses, strict=True)]
+        return self.score_messages(chats)
+
+
 class PMReward:
     """The PM's score of each (prompt, response), normalised: (r - mean) / std."""
 
     def __init__(self, pm_dir: Path, device: str, batch_size: int = 16):
-        from constitutional.stages.pm import PreferenceModel
-
         self.mean, self.std, self.stats_source = reward_stats(pm_dir)
         self.pm = PreferenceModel(pm_dir, device=device, batch_size=batch_size)
 
@@ -66,7 +127,7 @@ class DirectReward:
         self.helpful_prompts = set(helpful_prompts)
 
     @classmethod
-    def from_config(cls, config: PipelineConfig, spec: str, device: str, helpful: list[PromptRow]) -> DirectReward:
+    def from_config(cls, config, spec: str, device: str, helpful: list[PromptRow]) -> DirectReward:
         from constitutional import feedback
         from constitutional.backends import load_backend
         from constitutional.constitution import load_constitution

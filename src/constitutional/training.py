@@ -1,0 +1,44 @@
+"""What the training stages (sft, pm, rl) share: the LoRA adapter's config, where a trainer resumes,
+and removing trainer checkpoints once a stage's model is saved.
+
+Each stage still reads top to bottom on its own; only these small pieces, which must behave the same
+in every stage, live here.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from constitutional.progress import log
+
+
+def lora_config(section, task_type: str = "CAUSAL_LM", all_linear: bool = True):
+    """PEFT's ``LoraConfig`` from a config section's ``lora_r``, ``lora_alpha`` and ``lora_dropout``.
+
+    ``all_linear``: adapt every linear layer (sft, pm); False: PEFT's default modules for the architecture
+    (rl, as it always did). ``task_type`` ``SEQ_CLS`` for the preference model.
+    """
+    from peft import LoraConfig
+
+    extra = {"target_modules": "all-linear"} if all_linear else {}
+    return LoraConfig(r=section.lora_r, lora_alpha=section.lora_alpha, lora_dropout=section.lora_dropout,
+                      task_type=task_type, **extra)
+
+
+def last_trainer_checkpoint(checkpoint_dir: Path) -> tuple[str | None, int]:
+    """(the last ``checkpoint-N`` a transformers trainer saved in ``checkpoint_dir``, N), or (None, 0);
+    says so on stderr when there is one to resume from."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    if last:
+        log(f"resuming from {last}")
+    return last, int(last.rsplit("-", 1)[1]) if last else 0
+
+
+def drop_checkpoints(checkpoint_dir: Path) -> None:
+    """Remove a finished stage's trainer checkpoints (weights + optimizer state: gigabytes for a
+    135M model); the model directory is then the only copy of the weights."""
+    if checkpoint_dir.is_dir():
+        shutil.rmtree(checkpoint_dir)
