@@ -89,3 +89,15 @@ def test_server_spec_errors_name_the_inner_key(override, fragment):
     with pytest.raises(CaiError) as err:
         load_config(None, [override])
     assert fragment in str(err.value)
+
+
+def test_every_null_model_is_resolved_in_one_place(tmp_path):
+    runs = load_config(None, []).run_models(tmp_path)
+    assert runs.helpful == runs.sft_base == runs.feedback == runs.direct_feedback == runs.base_snapshot
+    assert runs.label_policy == runs.pm_base == runs.rl_policy == str(tmp_path / "sft" / "model")
+    assert runs.reward_model == str(tmp_path / "pm" / "model")
+    set_ = load_config(None, ["sft.model=/m/sft", "label.feedback_model=/m/judge", "rl.feedback_model=/m/direct",
+                              "label.policy=/m/policy", "rl.reward_model=/m/pm"]).run_models(tmp_path)
+    assert (set_.sft_base, set_.base_snapshot, set_.feedback) == ("/m/sft", "/m/sft", "/m/judge")
+    assert (set_.direct_feedback, set_.label_policy, set_.reward_model) == ("/m/direct", "/m/policy", "/m/pm")
+    assert set_.rl_policy == str(tmp_path / "sft" / "model")  # still this run's SL-CAI model

@@ -88,7 +88,7 @@ def test_planted_script_tags_are_escaped_everywhere(tmp_path):
     html = build_report(hand_made_run(tmp_path))
     assert "<script" not in html.lower()
     # the planted text shows, escaped, in a prompt, a model answer, a revision and a labelled comparison
-    assert html.count("&lt;script&gt;alert(&#x27;pwned&#x27;)&lt;/script&gt;") >= 10
+    assert html.count("&lt;script&gt;alert(&#39;pwned&#39;)&lt;/script&gt;") >= 10
     assert "rl-cai says &lt;script&gt;" in html
 
 
@@ -98,7 +98,7 @@ def test_the_effect_section_shows_the_headline_and_verbatim_examples_of_each_ver
                    "refusal by opening (red-team)", "What the answers say"):
         assert header in html
     assert "50% [25, 75]" in html and "jailbreak" in html
-    assert "<span class='tag bad'>harmful</span>" in html and "<span class='tag good'>coherent</span>" in html
+    assert '<span class="tag bad">harmful</span>' in html and '<span class="tag good">coherent</span>' in html
 
 
 def test_report_is_self_contained_with_plots_and_sections(tmp_path):
@@ -146,3 +146,19 @@ def test_a_torn_last_line_does_not_break_the_report(tmp_path):
     with open(run / "label" / "comparisons.jsonl", "a") as f:
         f.write('{"id": "half')
     assert "Labelled comparisons" in build_report(run)
+
+
+def test_the_page_comes_from_an_autoescaping_template_with_no_bypass():
+    """Every value goes through Jinja2's autoescape: the template marks nothing safe and report.py builds no
+    markup (the one unescaped value ever found came through a ``raw=True`` bypass, now gone)."""
+    import inspect
+    from importlib import resources
+
+    from constitutional import report
+
+    template = (resources.files("constitutional") / "templates" / "report.html.j2").read_text()
+    assert "|safe" not in template.replace(" ", "") and "autoescape false" not in template
+    source = inspect.getsource(report)
+    assert "Markup" not in source and "raw=" not in source and "html.escape" not in source
+    assert report._environment().autoescape is True
+    assert all(ch not in report.CSS for ch in "<>&\"'")  # the style sheet passes through escaping unchanged

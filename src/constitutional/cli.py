@@ -30,10 +30,20 @@ import sys
 import time
 from pathlib import Path
 
-from constitutional import __version__
+from constitutional import __version__, judge_pairs, progress
+from constitutional.backends import load_backend
+from constitutional.backends.base import SamplingParams
+from constitutional.chat import HELP, answer, chat_loop
 from constitutional.config import STAGES, PipelineConfig, load_config
+from constitutional.constitution import load_constitution
 from constitutional.errors import CaiError, redact
-from constitutional.pipeline import STAGE_MODULES
+from constitutional.models import EMBEDDED, check_model_spec, embedded_model_dir
+from constitutional.pipeline import STAGE_MODULES, check_judge, run_stages, stages_needed
+from constitutional.records import iter_jsonl
+from constitutional.report import write_report
+from constitutional.rewards import PreferenceModel
+from constitutional.serve import serve_foreground
+from constitutional.stages import judge_eval, label_eval
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +84,6 @@ def quiet_libraries() -> None:
     import os
     import warnings
 
-    from constitutional import progress
 
     progress.QUIET[0] = True
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -201,8 +210,6 @@ def _cmd_stage(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from constitutional.pipeline import stages_needed
-
     config = load_config(args.config, args.set)
     stages = stages_needed(config)
     if args.stages:
@@ -220,7 +227,6 @@ def _cmd_run(args) -> int:
     _run_stages(config, out, stages, args.config, force, dry_run=args.dry_run)
     if args.dry_run:
         return 0
-    from constitutional.report import write_report
 
     print(f"report: {write_report(out).resolve()}")
     print(f"results: {out.resolve()} ({time.time() - start:.0f} s)")
@@ -228,9 +234,6 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_label_eval(args) -> int:
-    from constitutional import judge_pairs
-    from constitutional.stages import label_eval
-
     config = load_config(args.config, args.set)
     variants = None
     if args.variants:
@@ -242,11 +245,8 @@ def _cmd_label_eval(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise CaiError("--limit must be at least 1")
     if args.dry_run:
-        from constitutional.constitution import load_constitution
-        from constitutional.models import check_model_spec
-
         load_constitution(config.constitution)
-        check_model_spec(config.label.feedback_model or config.critique_revise.model, "label.feedback_model")
+        check_model_spec(config.feedback_model, "label.feedback_model")
         counts = {f"{name}/{h}": len(judge_pairs.load_eval_pairs(name, args.limit, h))
                   for h in args.half.split(",") for name in judge_pairs.EVAL_SETS}
         print(f"dry run: would score {counts} with {', '.join(variants or [v.name for v in label_eval.VARIANTS])}")
@@ -256,8 +256,6 @@ def _cmd_label_eval(args) -> int:
 
 
 def _cmd_judge_eval(args) -> int:
-    from constitutional.stages import judge_eval
-
     config = load_config(args.config, args.set)
     if args.limit is not None and args.limit < 1:
         raise CaiError("--limit must be at least 1")
@@ -272,17 +270,12 @@ def _cmd_judge_eval(args) -> int:
         if s not in judge_eval.TEST_SETS:
             raise CaiError(f"--sets: unknown set {s!r} (known: {', '.join(judge_eval.TEST_SETS)})")
     if "model" in (judges or judge_eval.JUDGES):
-        from constitutional.pipeline import check_judge
-
         check_judge(judge_eval.model_spec(config))
     judge_eval.run(config, Path(args.out), judges, args.split, sets, args.limit)
     return 0
 
 
 def _cmd_score(args) -> int:
-    from constitutional.records import iter_jsonl
-    from constitutional.rewards import PreferenceModel
-
     rows = list(iter_jsonl(args.input))
     for lineno, row in enumerate(rows, 1):
         if "prompt" not in row or not isinstance(row.get("response"), str):
@@ -298,18 +291,11 @@ def _cmd_score(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from constitutional.report import write_report
-
     print(write_report(args.run_dir).resolve())
     return 0
 
 
 def _cmd_chat(args) -> int:
-    from constitutional.backends import load_backend
-    from constitutional.backends.base import SamplingParams
-    from constitutional.chat import HELP, answer, chat_loop
-    from constitutional.models import check_model_spec
-
     if args.temperature < 0 or args.max_new_tokens < 1:
         raise CaiError("chat: --temperature must be 0 or more and --max-new-tokens at least 1")
     check_model_spec(args.model, "--model")
@@ -333,8 +319,6 @@ def _cmd_chat(args) -> int:
 
 
 def _cmd_fetch_model(args) -> int:
-    from constitutional.models import EMBEDDED, embedded_model_dir
-
     if args.name not in EMBEDDED:
         raise CaiError(f"fetch-model: unknown embedded model {args.name!r} (known: {', '.join(EMBEDDED)})")
     print(embedded_model_dir(args.name))
@@ -342,15 +326,12 @@ def _cmd_fetch_model(args) -> int:
 
 
 def _cmd_serve_local(args) -> int:
-    from constitutional.serve import serve_foreground
-
     return serve_foreground(args.model, args.host, args.port, args.kv_cache_gib, args.build_only)
 
 
 def _run_stages(config: PipelineConfig, out: Path, stages: list[str], config_path, force: str | None = None,
                 skip_done: bool = True, dry_run: bool = False) -> None:
     """Run stages in order (skipping finished, unchanged ones), keeping ``out/manifest.json`` up to date."""
-    from constitutional.pipeline import run_stages
 
     run_stages(config, out, stages, config_path, force, versions=_versions(), skip_done=skip_done, dry_run=dry_run)
 

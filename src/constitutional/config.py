@@ -22,6 +22,8 @@ import yaml
 
 from constitutional.backends.spec import ServerSpec
 from constitutional.errors import CaiError, yaml_problem
+from constitutional.evaluation.snapshots import SNAPSHOT_KINDS
+from constitutional.feedback import CONTRAST_CONTEXTS, METHODS
 from constitutional.models import DEFAULT_MODEL
 from constitutional.typed import build, require
 
@@ -274,8 +276,6 @@ class LabelConfig:
     filter_candidates: int = 4
 
     def check(self) -> None:
-        from constitutional.feedback import CONTRAST_CONTEXTS, METHODS
-
         methods = (*METHODS, "rlcd")
         require(self.method in methods, "label.method", f"must be one of {', '.join(methods)}")
         require(0.5 <= self.rlcd_p_chosen <= 1, "label.rlcd_p_chosen", "must be in [0.5, 1]")
@@ -548,8 +548,6 @@ class EvaluateConfig:
     benchmarks: list[str] = field(default_factory=list)
 
     def check(self) -> None:
-        from constitutional.evaluation.snapshots import SNAPSHOT_KINDS
-
         for name in self.snapshots or []:
             require(name in SNAPSHOT_KINDS, "evaluate.snapshots",
                      f"unknown snapshot {name!r} (known: {', '.join(SNAPSHOT_KINDS)})")
@@ -614,6 +612,56 @@ class PipelineConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def feedback_model(self) -> ModelSpec:
+        """The feedback model: label.feedback_model, else critique_revise.model (no run directory needed)."""
+        return self.label.feedback_model or self.critique_revise.model
+
+    @property
+    def direct_feedback_model(self) -> ModelSpec:
+        """The model behind ``rl.reward: direct``: rl.feedback_model, else the feedback model."""
+        return self.rl.feedback_model or self.feedback_model
+
+    def run_models(self, out_dir: str | Path) -> RunModels:
+        """Every model of a run in ``out_dir``, each ``null`` replaced by what it stands for (the one place
+        these fallbacks are written)."""
+        out = Path(out_dir)
+        helpful = self.critique_revise.model
+        sft_base = self.sft.model or helpful
+        this_sft = str(out / "sft" / "model")
+        return RunModels(
+            helpful=helpful, sft_base=sft_base, feedback=self.feedback_model,
+            label_policy=self.label.policy or this_sft, pm_base=self.pm.base or this_sft,
+            rl_policy=self.rl.policy or this_sft, reward_model=str(self.rl.reward_model or out / "pm" / "model"),
+            direct_feedback=self.direct_feedback_model, base_snapshot=self.evaluate.base_model or sft_base)
+
+
+@dataclass(frozen=True)
+class RunModels:
+    """The models of one run, resolved by ``PipelineConfig.run_models(out_dir)``.
+
+    helpful: critique_revise.model, the helpful model that answers, critiques and revises.
+    sft_base: the model SFT starts from (sft.model, else helpful).
+    feedback: the feedback model that labels, scores stage 1's candidates and judges the evaluation
+        (label.feedback_model, else helpful).
+    label_policy: the model that writes the labelled pairs (label.policy, else this run's sft/model).
+    pm_base: the PM's starting point (pm.base, else this run's sft/model).
+    rl_policy: the RL policy and its KL reference (rl.policy, else this run's sft/model).
+    reward_model: the PM that RL reads (rl.reward_model, else this run's pm/model).
+    direct_feedback: the model behind ``rl.reward: direct`` (rl.feedback_model, else feedback).
+    base_snapshot: the evaluation's base model (evaluate.base_model, else sft_base).
+    """
+
+    helpful: ModelSpec
+    sft_base: ModelSpec
+    feedback: ModelSpec
+    label_policy: ModelSpec
+    pm_base: str
+    rl_policy: str
+    reward_model: str
+    direct_feedback: ModelSpec
+    base_snapshot: ModelSpec
 
 
 STAGES = ("critique_revise", "sft", "label", "pm", "rl", "evaluate")

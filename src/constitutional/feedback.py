@@ -49,8 +49,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from constitutional.constitution import FeedbackPrinciple
+from constitutional.backends.base import SamplingParams
+from constitutional.constitution import FEEDBACK_KINDS, FeedbackPrinciple
 from constitutional.errors import CaiError
+from constitutional.prompts import load_examples
 
 METHODS = ("multiple_choice", "cot", "contrast")
 CONTRAST_CONTEXTS = ("stance+principle", "stance", "principle")
@@ -229,7 +231,6 @@ class LabelExample:
 
 def load_label_fewshot(spec: str = "default") -> list[LabelExample]:
     """Labelling examples: ``default`` (``data/fewshot/labels.yaml``) or a YAML path."""
-    from constitutional.prompts import load_examples
 
     keys = ("id", "prompt", "question", "option_a", "option_b", "answer")
     examples = load_examples(spec, "labels.yaml", keys)
@@ -281,8 +282,6 @@ class ContrastDemo:
 
 def load_contrast_fewshot(spec: str = "default") -> dict[str, list[ContrastDemo]]:
     """Contrast demonstrations by kind: ``default`` (``data/fewshot/contrast.yaml``) or a YAML path."""
-    from constitutional.constitution import FEEDBACK_KINDS
-    from constitutional.prompts import load_examples
 
     demos: dict[str, list[ContrastDemo]] = {kind: [] for kind in FEEDBACK_KINDS}
     for i, ex in enumerate(load_examples(spec, "contrast.yaml", ("id", "kind", "prompt", "follows", "violates"))):
@@ -396,7 +395,6 @@ def judge_multiple_choice(backend, items: Sequence[tuple[str, str, str, str]],
 def judge_cot(backend, items: Sequence[tuple[str, str, str, str]], max_new_tokens: int = 96,
               low: float = 0.4, high: float = 0.6, seed: int = 0) -> list[Judgement]:
     """Chain of thought in the feedback model's chat template, then option probabilities, clamped."""
-    from constitutional.backends.base import SamplingParams
 
     chats = [[{"role": "user", "content": mc_body(p, q, a, b)}, {"role": "assistant", "content": COT_START}]
              for p, q, a, b in items]

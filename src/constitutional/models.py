@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from constitutional.distributed import is_main, wait_for_everyone
 from constitutional.errors import CaiError
 from constitutional.wheels import cache_dir, cache_lock, fetch_wheel_member
 
@@ -114,7 +115,6 @@ def save_model_dir(model, tokenizer, dest: Path) -> Path:
     In a multi-process training launch every process calls it; the main process saves and the
     others wait until it has (see ``distributed.py``).
     """
-    from constitutional.distributed import is_main, wait_for_everyone
 
     dest = Path(dest)
     if is_main():

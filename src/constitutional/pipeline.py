@@ -28,17 +28,29 @@ import hashlib
 import importlib
 import json
 import shutil
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
+from constitutional import __version__, progress
+from constitutional.backends import as_server_spec
+from constitutional.backends.openai import check_reachable, read_api_key
 from constitutional.config import STAGES, PipelineConfig
+from constitutional.constitution import load_constitution
 from constitutional.distributed import is_main, wait_for_everyone
 from constitutional.errors import CaiError, redact
-from constitutional.records import write_json
+from constitutional.evaluation.jailbreaks import check_names
+from constitutional.evaluation.snapshots import resolve_snapshots
+from constitutional.feedback import load_label_fewshot
+from constitutional.models import check_model_spec
+from constitutional.progress import log
+from constitutional.prompt_sources import load_prompts
+from constitutional.prompts import load_fewshot
+from constitutional.records import load_comparisons, write_json
+from constitutional.stages.rl import check_processes, check_reward_model
+from constitutional.stages.sft import load_chat_file, load_revision_chats
 
 # stage name in configs -> (CLI subcommand, module, directory in the run)
 STAGE_MODULES = {
@@ -138,7 +150,6 @@ def plan(config: PipelineConfig) -> dict[str, dict]:
     """Per stage (all of them, in order): its ``key`` (chained), ``strict`` (settings less the free
     ones) and ``upstream`` (the key of the stage before). A stage the config does not need (the PM
     when nothing uses it) gets a key but does not pass it on."""
-    from constitutional import __version__
 
     out = {}
     needed = stages_needed(config)
@@ -160,10 +171,6 @@ def plan(config: PipelineConfig) -> dict[str, dict]:
 def validate_inputs(config: PipelineConfig, stages: list[str]) -> None:
     """Check the constitution and every prompt, few-shot and data file the stages will read,
     so that bad input stops the run before any directory, manifest or model exists."""
-    from constitutional.backends import as_server_spec
-    from constitutional.constitution import load_constitution
-    from constitutional.prompt_sources import load_prompts
-    from constitutional.prompts import load_fewshot
 
     constitution = load_constitution(config.constitution)
     c = config
@@ -174,19 +181,13 @@ def validate_inputs(config: PipelineConfig, stages: list[str]) -> None:
         load_fewshot(c.critique_revise.fewshot_file)
     if "sft" in stages:
         if c.sft.helpful_data:
-            from constitutional.stages.sft import load_chat_file
-
             load_chat_file(Path(c.sft.helpful_data))
         else:
             load_prompts(c.sft.helpful_prompts, "train")
         if c.sft.revisions:
-            from constitutional.stages.sft import load_revision_chats
-
             load_revision_chats(Path(c.sft.revisions))
     if "label" in stages:
-        from constitutional.feedback import load_label_fewshot
-
-        feedback_spec = c.label.feedback_model or c.critique_revise.model  # null: the critique model
+        feedback_spec = c.feedback_model
         if "sft" not in stages or as_server_spec(feedback_spec) is not None:  # may be this run's sft/model
             check_model(feedback_spec, "label.feedback_model")
 
@@ -196,33 +197,25 @@ def validate_inputs(config: PipelineConfig, stages: list[str]) -> None:
         if c.label.method == "multiple_choice":
             load_label_fewshot(c.label.fewshot_file)
     if "pm" in stages:
-        from constitutional.records import load_comparisons
-
         for path in (c.pm.comparisons, c.pm.helpful_data):
             if path:
                 load_comparisons(Path(path))
     if "rl" in stages:
-        reward_spec = c.rl.feedback_model or c.label.feedback_model or c.critique_revise.model
+        reward_spec = c.direct_feedback_model
         if c.rl.reward == "direct" and as_server_spec(reward_spec) is not None:
             check_model(reward_spec, "rl.feedback_model")
         load_prompts(c.rl.prompts, "train", c.rl.limit)
         if c.rl.helpful_prompts:
             load_prompts(c.rl.helpful_prompts, "train")
         if c.rl.algo == "dpo" and c.rl.comparisons:
-            from constitutional.records import load_comparisons
-
             load_comparisons(Path(c.rl.comparisons))
     if "evaluate" in stages:
-        from constitutional.models import check_model_spec
-
         load_prompts(c.evaluate.red_team_prompts, "heldout", c.evaluate.limit)
         load_prompts(c.evaluate.helpful_prompts, "heldout", c.evaluate.limit)
         for name, spec in c.evaluate.extra_models.items():
             check_model_spec(spec, f"evaluate.extra_models.{name}")
         check_judge(c.evaluate.judge)
         if c.evaluate.jailbreaks:
-            from constitutional.evaluation.jailbreaks import check_names
-
             check_names(c.evaluate.jailbreaks)
         for name in c.evaluate.benchmarks:
             load_prompts(name, "all", c.evaluate.limit)
@@ -234,38 +227,26 @@ def validate_inputs(config: PipelineConfig, stages: list[str]) -> None:
 def check_upstream(config: PipelineConfig, out: Path, stages: list[str]) -> None:
     """The outputs of earlier stages that ``stages`` read from the run directory ``out`` and that this command
     does not make itself (``cai label`` alone needs ``sft/model``): checked before anything is written."""
-    from constitutional.models import check_model_spec
 
     c = config
-    sft_model = str(out / "sft" / "model")
     if "sft" in stages and "critique_revise" not in stages and not c.sft.revisions:
-        from constitutional.stages.sft import load_revision_chats
-
         load_revision_chats(out / "critique_revise" / "revisions.jsonl")
     if "label" in stages and "sft" not in stages:  # with sft, the policy is the model it is about to write
-        check_model(c.label.policy or sft_model, "label.policy")
+        check_model(c.run_models(out).label_policy, "label.policy")
     if "pm" in stages:
         if "label" not in stages and not c.pm.comparisons:
-            from constitutional.records import load_comparisons
-
             load_comparisons(out / "label" / "comparisons.jsonl")
         if "sft" not in stages:
-            check_model_spec(c.pm.base or sft_model, "pm.base")
+            check_model_spec(c.run_models(out).pm_base, "pm.base")
     if "rl" in stages:
-        from constitutional.stages.rl import check_processes, check_reward_model
-
         check_processes(c.rl)
         if "sft" not in stages:
-            check_model_spec(c.rl.policy or sft_model, "rl.policy")
+            check_model_spec(c.run_models(out).rl_policy, "rl.policy")
         if "pm" not in stages:
-            check_reward_model(c.rl, Path(c.rl.reward_model or out / "pm" / "model"))
+            check_reward_model(c.rl, Path(c.run_models(out).reward_model))
         if c.rl.algo == "dpo" and "label" not in stages and not c.rl.comparisons:
-            from constitutional.records import load_comparisons
-
             load_comparisons(out / "label" / "comparisons.jsonl")
     if "evaluate" in stages and not {"sft", "rl"} & set(stages):
-        from constitutional.evaluation.snapshots import resolve_snapshots
-
         resolve_snapshots(config, out)
 
 
@@ -278,13 +259,9 @@ def check_judge(spec) -> None:
 def check_model(spec, key: str) -> None:
     """A model the run will load: a server that answers, with its API key variable set and sendable,
     or a model directory that exists (``models.check_model_spec``). Loads nothing."""
-    from constitutional.backends import as_server_spec
-    from constitutional.models import check_model_spec
 
     server = as_server_spec(spec)
     if server is not None:
-        from constitutional.backends.openai import check_reachable, read_api_key
-
         read_api_key(server)
         check_reachable(server, key)
     elif spec is not None:
@@ -381,7 +358,6 @@ def run_lock(out: Path):
 
 def _run_locked(config: PipelineConfig, out: Path, stages: list[str], config_path, force: str | None,
                 versions: dict | None, skip_done: bool, previous: dict) -> dict:
-    from constitutional import progress
 
     manifest_path = out / "manifest.json"
     manifest = {"config": config.to_dict(), "config_file": str(config_path) if config_path else None,
@@ -389,7 +365,7 @@ def _run_locked(config: PipelineConfig, out: Path, stages: list[str], config_pat
     keys = plan(config)
     forced = set(STAGES[STAGES.index(force):]) if force else set()
     run_start = time.time()
-    say = _say if skip_done else (lambda message: None)  # a single-stage command speaks for itself
+    say = log if skip_done else (lambda message: None)  # a single-stage command speaks for itself
     for index, stage in enumerate(stages, 1):
         module = importlib.import_module(STAGE_MODULES[stage][1])
         stage_dir = out / STAGE_MODULES[stage][2]
@@ -464,7 +440,3 @@ def _dry_run(config: PipelineConfig, out: Path, stages: list[str], force: str | 
         print(f"[{index}/{len(stages)}] {stage}: would {decisions[stage]}")
     print(f"dry run: config and inputs are valid; nothing was written to {out}")
     return {"stages": decisions}
-
-
-def _say(message: str) -> None:
-    print(f"[cai] {message}", file=sys.stderr, flush=True)

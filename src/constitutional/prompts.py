@@ -26,6 +26,7 @@ import yaml
 
 from constitutional.constitution import Principle
 from constitutional.errors import CaiError
+from constitutional.evaluation import detectors
 
 Chat = list[dict]
 
@@ -207,9 +208,7 @@ def degenerate_reason(revision: str, critique: str, copied_from: Sequence[str] =
     """
     if len(revision.strip()) < 2:
         return "empty"
-    from constitutional.evaluation.detectors import degenerate_reason as loop_or_empty
-
-    loop = loop_or_empty(revision)
+    loop = detectors.degenerate_reason(revision)
     if loop is not None:
         return loop
     if critique.strip() and similarity(revision, critique) >= threshold:

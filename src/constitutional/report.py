@@ -7,31 +7,25 @@ plots (embedded as data URIs, so the page needs no network and no other file), p
 statistics (the constitution as an audit trail), side-by-side answers of the snapshots to the
 same held-out prompts, sample critique/revision rounds and labelled comparisons.
 
-Model and user text is untrusted: every piece of it goes through ``html.escape``; the page has
-no script. Missing stages are simply left out, so the report works on a partial run.
+The page is rendered from ``templates/report.html.j2`` by Jinja2 with autoescape on (the template lives
+outside ``data/``, so a change of layout reruns no stage): this module builds plain data (text, tables,
+tags), and every value, model and user text above all, is escaped by the template engine; nothing is
+marked safe. The page has no script and loads nothing. Missing stages
+are simply left out, so the report works on a partial run.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from constitutional.errors import CaiError
+from constitutional.evaluation.effect import fmt_diff, fmt_rate
 
 SIDE_BY_SIDE = 6  # held-out prompts of each kind shown with every snapshot's answer
 EXAMPLES = 4  # critique/revision rows and labelled comparisons shown
-
-
-def esc(value) -> str:
-    """HTML-escaped text of any value (None shows as an empty string).
-
-    >>> esc("<script>alert(1)</script>")
-    '&lt;script&gt;alert(1)&lt;/script&gt;'
-    """
-    return "" if value is None else html.escape(str(value), quote=True)
 
 
 def _linked(path: Path) -> bool:
@@ -63,44 +57,54 @@ def _read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
     return rows
 
 
-def _image(run: Path, name: str, alt: str) -> str:
+def _image(run: Path, name: str, alt: str) -> dict | None:
     """A PNG of the run embedded as data; a symlink, or anything that is not a PNG inside the run, is left out
     (a run directory someone sent is data: the report never reads files outside it)."""
     path = run / name  # name: STAGE/FILE.png
     if _linked(path) or not path.is_file() or not path.resolve().is_relative_to(run.resolve()):
-        return ""
+        return None
     data = path.read_bytes()
     if not data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return ""
-    data = base64.b64encode(data).decode("ascii")
-    return (f'<figure><img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
-            f'<figcaption>{esc(alt)}</figcaption></figure>')
+        return None
+    return {"type": "figure", "alt": alt, "data": base64.b64encode(data).decode("ascii")}
 
 
-def _table(header: list[str], rows: list[list[str]], raw: bool = False) -> str:
-    """An HTML table; cells are escaped unless ``raw`` (for cells this module built itself)."""
-    head = "".join(f"<th>{esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c if raw else esc(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def _table(header: list[str], rows: list[list]) -> dict:
+    """A table block; each cell is text, or a mapping the template lays out (``tags``, ``note``, ``text``,
+    ``ci``, ``block``): every value in it is escaped when the page is rendered."""
+    return {"type": "table", "header": header, "rows": rows}
 
 
-def _interval(cell) -> str:
+def _p(*parts, cls: str | None = None) -> dict:
+    """A paragraph of text parts; a part ``{"b": text}`` is bold, ``{"code": text}`` code."""
+    return {"type": "p", "parts": [p if isinstance(p, dict) else str(p) for p in parts], "cls": cls}
+
+
+def _h3(text) -> dict:
+    return {"type": "h3", "text": str(text)}
+
+
+def _interval(cell) -> dict | str:
     if not cell:
         return "-"
     value, low, high = cell
     if value != value:  # NaN
         return "-"
-    return f"{value:.2f} <span class=ci>[{low:.2f}, {high:.2f}]</span>"
+    return {"text": f"{value:.2f}", "ci": f"[{low:.2f}, {high:.2f}]"}
 
 
-def _text_block(text) -> str:
-    return f"<div class=text>{esc(text)}</div>"
+def _text(value) -> str:
+    return "" if value is None else str(value)
+
+
+def _block(value) -> dict:
+    return {"block": _text(value)}
 
 
 # ------------------------------------------------------------------ sections
 
 
-def _section_stages(run: Path, manifest: dict | None) -> str:
+def _section_stages(run: Path, manifest: dict | None) -> list[dict]:
     stages = (manifest or {}).get("stages", {})
     highlights = {
         "critique_revise": ("rows", "degenerate_rows", "tokens_per_second"),
@@ -115,26 +119,14 @@ def _section_stages(run: Path, manifest: dict | None) -> str:
         summary = entry.get("summary") or {}
         shown = {k: summary[k] for k in highlights.get(stage, ()) if k in summary}
         seconds = entry.get("seconds")
-        rows.append([stage, entry.get("status", "?"), "-" if seconds is None else f"{seconds:.0f} s",
+        rows.append([_text(stage), _text(entry.get("status", "?")), "-" if seconds is None else f"{seconds:.0f} s",
                      ", ".join(f"{k}: {json.dumps(v)}" for k, v in shown.items())])
     if not rows:
-        return "<p>No manifest.json: the stages were run one by one; see each stage's directory.</p>"
-    return _table(["stage", "status", "wall time", "metrics"], rows)
+        return [_p("No manifest.json: the stages were run one by one; see each stage's directory.")]
+    return [_table(["stage", "status", "wall time", "metrics"], rows)]
 
 
-def _rate(cell) -> str:
-    from constitutional.evaluation.effect import fmt_rate
-
-    return esc(fmt_rate(cell))
-
-
-def _diff(cell) -> str:
-    from constitutional.evaluation.effect import fmt_diff
-
-    return esc(fmt_diff(cell))
-
-
-def _verdict_tags(verdict: dict) -> str:
+def _verdict_tags(verdict: dict) -> dict:
     """The verdict's fields as small tags: a yes shows the field's name, a no shows 'not <field>'."""
     tags = []
     for name in ("harmful", "declines", "explains", "coherent", "helpful"):
@@ -142,98 +134,98 @@ def _verdict_tags(verdict: dict) -> str:
         if value is None:
             continue
         good = value != (name == "harmful")
-        tags.append(f"<span class='tag {'good' if good else 'bad'}'>{esc(name if value else 'not ' + name)}</span>")
+        tags.append({"text": name if value else f"not {name}", "cls": "good" if good else "bad"})
     reasons = verdict.get("reasons") or []
-    if reasons:
-        tags.append(f"<span class=ci>({esc(', '.join(reasons))})</span>")
-    return " ".join(tags)
+    return {"tags": tags, "note": ", ".join(map(str, reasons)) if reasons else None}
 
 
-def _section_effect(effect: dict) -> str:
+def _section_effect(effect: dict) -> list[dict]:
     rows = []
     for r in effect.get("rows", []):
         red, helpful = r.get("red_team", {}), r.get("helpful", {})
         rows.append([
-            esc(r.get("snapshot")), esc(r.get("decoding")),
-            _rate(red.get("harmless_coherent")), _diff(red.get("harmless_coherent_vs_base")),
-            _rate(red.get("declines_explains")), _diff(red.get("declines_explains_vs_base")),
-            _rate(red.get("harmful")), _rate(red.get("degenerate")),
-            _rate(helpful.get("helpful_coherent")), _diff(helpful.get("helpful_coherent_vs_base")),
-            _rate(helpful.get("degenerate")),
+            _text(r.get("snapshot")), _text(r.get("decoding")),
+            fmt_rate(red.get("harmless_coherent")), fmt_diff(red.get("harmless_coherent_vs_base")),
+            fmt_rate(red.get("declines_explains")), fmt_diff(red.get("declines_explains_vs_base")),
+            fmt_rate(red.get("harmful")), fmt_rate(red.get("degenerate")),
+            fmt_rate(helpful.get("helpful_coherent")), fmt_diff(helpful.get("helpful_coherent_vs_base")),
+            fmt_rate(helpful.get("degenerate")),
         ])
     header = ["snapshot", "decoding", "harmless & coherent (red-team)", "vs base", "declines & explains", "vs base",
               "harmful", "degenerate (red-team)", "helpful & coherent (helpful)", "vs base", "degenerate (helpful)"]
     judge = effect.get("judge") or {}
-    out = [f"<p class=note>Each answer's verdict comes from the judge <b>{esc(judge.get('name', 'rules'))}</b>, "
-           f"applying the rubric shipped in the package (<code>constitutional/data/verdicts/rubric.yaml</code>); "
-           f"<code>cai judge-eval</code> measures how far it agrees with people who read the answers. 95% bootstrap "
-           f"intervals; \"vs base\" is the paired difference in points from the base model on the same "
-           f"prompts.</p>", _table(header, rows, raw=True)]
+    out = [_p("Each answer's verdict comes from the judge ", {"b": _text(judge.get("name", "rules"))},
+              ", applying the rubric shipped in the package (", {"code": "constitutional/data/verdicts/rubric.yaml"},
+              "); ", {"code": "cai judge-eval"}, " measures how far it agrees with people who read the answers. 95% "
+              "intervals (Wilson for rates, bootstrap over prompts for differences); \"vs base\" is the paired "
+              "difference in points from the base model on the same prompts.", cls="note"),
+           _table(header, rows)]
     sets = effect.get("sets") or {}
     for key, meta in sets.items():
         if meta.get("kind") != "red-team" or key == "red_team":
             continue
-        other = [[esc(r.get("snapshot")), esc(r.get("decoding")), _rate(r.get(key, {}).get("harmless_coherent")),
-                  _diff(r.get(key, {}).get("harmless_coherent_vs_base")),
-                  _rate(r.get(key, {}).get("declines_explains")), _rate(r.get(key, {}).get("harmful")),
-                  _rate(r.get(key, {}).get("degenerate"))] for r in effect.get("rows", [])]
-        out.append(f"<h3>{esc(meta.get('name'))} ({esc(meta.get('prompts'))} prompts)</h3>")
+        other = [[_text(r.get("snapshot")), _text(r.get("decoding")), fmt_rate(r.get(key, {}).get("harmless_coherent")),
+                  fmt_diff(r.get(key, {}).get("harmless_coherent_vs_base")),
+                  fmt_rate(r.get(key, {}).get("declines_explains")), fmt_rate(r.get(key, {}).get("harmful")),
+                  fmt_rate(r.get(key, {}).get("degenerate"))] for r in effect.get("rows", [])]
+        out.append(_h3(f"{_text(meta.get('name'))} ({_text(meta.get('prompts'))} prompts)"))
         out.append(_table(["snapshot", "decoding", "harmless & coherent", "vs base", "declines & explains", "harmful",
-                           "degenerate"], other, raw=True))
+                           "degenerate"], other))
     secondary = []
     for r in effect.get("rows", []):
         red, helpful = r.get("red_team", {}), r.get("helpful", {})
-        secondary.append([esc(r.get("snapshot")), esc(r.get("decoding")), _rate(red.get("refusal")),
-                          _diff(red.get("refusal_vs_base")), _rate(helpful.get("refusal")),
-                          _rate(helpful.get("declines")), _rate(red.get("second")), _rate(helpful.get("second")),
-                          _interval(red.get("pm")), _interval(red.get("contrast")), esc(red.get("tokens"))])
-    out.append("<h3>Secondary: refusal read from the opening, second opinion, scores</h3>")
+        secondary.append([_text(r.get("snapshot")), _text(r.get("decoding")), fmt_rate(red.get("refusal")),
+                          fmt_diff(red.get("refusal_vs_base")), fmt_rate(helpful.get("refusal")),
+                          fmt_rate(helpful.get("declines")), fmt_rate(red.get("second")),
+                          fmt_rate(helpful.get("second")), _interval(red.get("pm")), _interval(red.get("contrast")),
+                          _text(red.get("tokens"))])
+    out.append(_h3("Secondary: refusal read from the opening, second opinion, scores"))
     out.append(_table(["snapshot", "decoding", "refusal by opening (red-team)", "vs base",
                        "over-refusal by opening (helpful)", "declines (helpful, by content)", "2nd opinion red-team",
-                       "2nd opinion helpful", "PM (red-team)", "contrast (red-team)", "tokens"], secondary, raw=True))
+                       "2nd opinion helpful", "PM (red-team)", "contrast (red-team)", "tokens"], secondary))
     prompts = effect.get("prompts", {})
-    out.append("<p class=note>Prompts: " + esc(", ".join(f"{v} {k}" for k, v in prompts.items())) + ".</p>")
+    out.append(_p("Prompts: " + ", ".join(f"{v} {k}" for k, v in prompts.items()) + ".", cls="note"))
     second = effect.get("second_opinion")
     if second:
-        out.append(f"<p class=note>Second opinion: the feedback model's contrast of a \"declines\" and a \"does the "
-                   f"task\" system prompt, threshold {esc(second.get('threshold'))}, accuracy on the detector's "
-                   f"{esc(second.get('examples'))} labelled examples {esc(second.get('accuracy_cross_fitted'))} "
-                   f"(cross-fitted).</p>")
+        out.append(_p(f"Second opinion: the feedback model's contrast of a \"declines\" and a \"does the task\" "
+                      f"system prompt, threshold {_text(second.get('threshold'))}, accuracy on the detector's "
+                      f"{_text(second.get('examples'))} labelled examples {_text(second.get('accuracy_cross_fitted'))} "
+                      f"(cross-fitted).", cls="note"))
     for w in effect.get("warnings", []):
-        out.append(f"<p class=warn>Warning: {esc(w)}</p>")
+        out.append(_p(f"Warning: {w}", cls="warn"))
     examples = effect.get("examples", [])
     if examples:
-        out.append("<h3>What the answers say: verbatim examples of each verdict (greedy)</h3>")
+        out.append(_h3("What the answers say: verbatim examples of each verdict (greedy)"))
         out.append(_table(["snapshot", "verdict", "prompt", "answer", "fields"],
-                          [[esc(e.get("snapshot")), esc(e.get("case")), _text_block(e.get("prompt")),
-                            _text_block(e.get("response")), _verdict_tags(e.get("verdict") or {})]
-                           for e in examples], raw=True))
+                          [[_text(e.get("snapshot")), _text(e.get("case")), _block(e.get("prompt")),
+                            _block(e.get("response")), _verdict_tags(e.get("verdict") or {})] for e in examples]))
     cases = effect.get("disagreements", [])
     if cases:
-        out.append("<h3>Where the detector and the second opinion disagree</h3>")
+        out.append(_h3("Where the detector and the second opinion disagree"))
         out.append(_table(["snapshot", "prompt", "response", "detector", "second opinion"],
-                          [[c.get("snapshot"), c.get("prompt"), c.get("response"),
+                          [[_text(c.get("snapshot")), _text(c.get("prompt")), _text(c.get("response")),
                             f"{c.get('detector')} ({c.get('detector_rule')})",
                             f"{c.get('second_opinion')} ({c.get('refusal_score')})"] for c in cases]))
-    return "\n".join(out)
+    return out
 
 
-def _section_elo(elo: dict) -> str:
+def _section_elo(elo: dict) -> list[dict]:
     judge = elo.get("judge", {})
-    out = [f"<p>Judge: <code>{esc(judge.get('model'))}</code>, method <code>{esc(elo.get('method'))}</code>; "
-           f"Bradley-Terry fit with {esc(elo.get('anchor'))} at 0 and 95% bootstrap intervals over prompts.</p>"]
+    out = [_p("Judge: ", {"code": _text(judge.get("model"))}, ", method ", {"code": _text(elo.get("method"))},
+              f"; Bradley-Terry fit with {_text(elo.get('anchor'))} at 0 and 95% bootstrap intervals over prompts.")]
     for w in judge.get("warnings", []):
-        out.append(f"<p class=warn>Warning: {esc(w)}</p>")
+        out.append(_p(f"Warning: {w}", cls="warn"))
     for axis, table in elo.get("axes", {}).items():
         validity = judge.get("sets", {}).get(axis, {})
         acc = validity.get("accuracy")
-        out.append(f"<h3>{esc(axis)}</h3><p class=note>{esc(table.get('comparisons'))} comparisons on "
-                   f"{esc(table.get('prompts'))} prompts. Judge validity: accuracy "
-                   f"{'-' if acc is None else f'{acc:.2f}'} on the shipped {esc(validity.get('pairs'))} pairs.</p>")
+        out.append(_h3(axis))
+        out.append(_p(f"{_text(table.get('comparisons'))} comparisons on {_text(table.get('prompts'))} prompts. "
+                      f"Judge validity: accuracy {'-' if acc is None else f'{acc:.2f}'} on the shipped "
+                      f"{_text(validity.get('pairs'))} pairs.", cls="note"))
         out.append(_table(["snapshot", "Elo", "95% interval"],
-                          [[n, f"{v['elo']:.0f}", f"[{v['low']:.0f}, {v['high']:.0f}]"]
+                          [[_text(n), f"{v['elo']:.0f}", f"[{v['low']:.0f}, {v['high']:.0f}]"]
                            for n, v in table.get("snapshots", {}).items()]))
-    return "\n".join(out)
+    return out
 
 
 def principle_stats(run: Path) -> tuple[list[list], list[list]]:
@@ -259,24 +251,26 @@ def principle_stats(run: Path) -> tuple[list[list], list[list]]:
     return sl, fb
 
 
-def _section_principles(run: Path) -> str:
+def _section_principles(run: Path) -> list[dict]:
     sl, fb = principle_stats(run)
     out = []
     if sl:
-        out.append("<h3>Critique/revision principles (stage 1)</h3>")
-        out.append(_table(["principle", "rounds drawn", "revisions flagged degenerate", "share"], sl))
+        out.append(_h3("Critique/revision principles (stage 1)"))
+        out.append(_table(["principle", "rounds drawn", "revisions flagged degenerate", "share"],
+                          [[_text(c) for c in row] for row in sl]))
     if fb:
-        out.append("<h3>Feedback principles (stage 3)</h3>")
-        out.append(_table(["principle", "comparisons judged", "mean p_chosen"], fb))
-    return "\n".join(out) or "<p>No stage 1 or stage 3 rows in this run.</p>"
+        out.append(_h3("Feedback principles (stage 3)"))
+        out.append(_table(["principle", "comparisons judged", "mean p_chosen"],
+                          [[_text(c) for c in row] for row in fb]))
+    return out or [_p("No stage 1 or stage 3 rows in this run.")]
 
 
-def _section_side_by_side(run: Path, effect: dict | None) -> str:
+def _section_side_by_side(run: Path, effect: dict | None) -> list[dict]:
     verdicts = {v.get("id"): v for v in _read_jsonl(run / "evaluate" / "verdicts.jsonl")}
     rows = [r for r in _read_jsonl(run / "evaluate" / "responses.jsonl") if r.get("decoding") == "greedy"
             and r.get("set", r.get("kind")) in ("red-team", "helpful")]
     if not rows:
-        return "<p>No evaluation responses yet (run <code>cai evaluate</code>).</p>"
+        return [_p("No evaluation responses yet (run ", {"code": "cai evaluate"}, ").")]
     order = [r["snapshot"] for r in (effect or {}).get("rows", []) if r.get("decoding") == "greedy"]
     snapshots = list(dict.fromkeys(order or [r["snapshot"] for r in rows]))
     main = [s for s in snapshots if s in ("base", "sl-cai", "rl-cai")] or snapshots[:3]
@@ -292,52 +286,51 @@ def _section_side_by_side(run: Path, effect: dict | None) -> str:
             continue
         table_rows = []
         for pid in ids:
-            cells = [_text_block(kinds[pid][1])]
+            cells: list = [_block(kinds[pid][1])]
             for snap in main:
                 r = by_prompt[pid].get(snap)
-                if r is None:
-                    cells.append("-")
-                    continue
-                cells.append(f"{_verdict_tags(verdicts.get(r.get('id')) or {})}{_text_block(r.get('response'))}")
+                cells.append("-" if r is None else {**_verdict_tags(verdicts.get(r.get("id")) or {}),
+                                                    **_block(r.get("response"))})
             table_rows.append(cells)
-        out.append(f"<h3>{esc(kind)} prompts (held out)</h3>")
-        out.append(_table(["prompt", *main], table_rows, raw=True))
-    return "\n".join(out)
+        out.append(_h3(f"{kind} prompts (held out)"))
+        out.append(_table(["prompt", *main], table_rows))
+    return out
 
 
-def _section_revisions(run: Path) -> str:
+def _section_revisions(run: Path) -> list[dict]:
     rows = _read_jsonl(run / "critique_revise" / "revisions.jsonl", EXAMPLES)
     if not rows:
-        return "<p>No critique/revision rows.</p>"
+        return [_p("No critique/revision rows.")]
     out = []
     for row in rows:
-        parts = [f"<h4>{esc(row.get('id'))}</h4><p><b>Prompt</b></p>{_text_block(row.get('prompt'))}",
-                 f"<p><b>Initial response</b></p>{_text_block(row.get('initial_response'))}"]
+        parts = [{"type": "h4", "text": _text(row.get("id"))}, {"type": "label", "text": "Prompt"},
+                 {"type": "text", "text": _text(row.get("prompt"))}, {"type": "label", "text": "Initial response"},
+                 {"type": "text", "text": _text(row.get("initial_response"))}]
         for k, rd in enumerate(row.get("rounds", []), 1):
-            flag = ""
-            if rd.get("degenerate"):
-                flag = f" <span class='tag redirect'>degenerate: {esc(rd['degenerate'])}</span>"
-            parts.append(f"<p><b>Round {k}: {esc(rd.get('principle_id'))}</b>{flag}</p>"
-                         f"<p class=note>{esc(rd.get('critique_request'))}</p>{_text_block(rd.get('critique'))}"
-                         f"<p class=note>{esc(rd.get('revision_request'))}</p>{_text_block(rd.get('revision'))}")
-        out.append(f"<div class=card>{''.join(parts)}</div>")
-    return "\n".join(out)
+            flag = [{"text": f"degenerate: {rd['degenerate']}", "cls": "redirect"}] if rd.get("degenerate") else []
+            parts += [{"type": "label", "text": f"Round {k}: {_text(rd.get('principle_id'))}", "tags": flag},
+                      _p(_text(rd.get("critique_request")), cls="note"),
+                      {"type": "text", "text": _text(rd.get("critique"))},
+                      _p(_text(rd.get("revision_request")), cls="note"),
+                      {"type": "text", "text": _text(rd.get("revision"))}]
+        out.append({"type": "card", "blocks": parts})
+    return out
 
 
-def _section_comparisons(run: Path) -> str:
+def _section_comparisons(run: Path) -> list[dict]:
     rows = _read_jsonl(run / "label" / "comparisons.jsonl", EXAMPLES)
     if not rows:
-        return "<p>No labelled comparisons.</p>"
+        return [_p("No labelled comparisons.")]
 
     def text(messages) -> str:
         if isinstance(messages, list):
             return "\n".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
         return str(messages)
 
-    table_rows = [[_text_block(text(r.get("prompt"))), _text_block(text(r.get("chosen"))),
-                   _text_block(text(r.get("rejected"))), esc(f"{r.get('p_chosen', float('nan')):.3f}"),
-                   esc(", ".join(r.get("principle_ids", []))), esc(r.get("method"))] for r in rows]
-    return _table(["prompt", "chosen", "rejected", "p_chosen", "principles", "method"], table_rows, raw=True)
+    table_rows = [[_block(text(r.get("prompt"))), _block(text(r.get("chosen"))), _block(text(r.get("rejected"))),
+                   f"{r.get('p_chosen', float('nan')):.3f}", ", ".join(map(str, r.get("principle_ids", []))),
+                   _text(r.get("method"))] for r in rows]
+    return [_table(["prompt", "chosen", "rejected", "p_chosen", "principles", "method"], table_rows)]
 
 
 CSS = """
@@ -361,6 +354,15 @@ pre { background: #f7f7f7; padding: 0.5rem; overflow-x: auto; }
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 
 
+def _environment():
+    """Jinja2 with autoescape on for every template: a value is text unless this module says otherwise, and it
+    never does (nothing is marked safe)."""
+    import jinja2
+
+    return jinja2.Environment(loader=jinja2.PackageLoader("constitutional", "templates"), autoescape=True,
+                              undefined=jinja2.StrictUndefined, trim_blocks=False)
+
+
 def build_report(run_dir: str | Path) -> str:
     """The report's HTML for a run directory."""
     run = Path(run_dir)
@@ -380,12 +382,12 @@ def build_report(run_dir: str | Path) -> str:
         parts.append(("Effect table", "evaluate/effect.json", lambda: _section_effect(effect)))
     if elo:
         parts.append(("Elo", "evaluate/elo.json", lambda: _section_elo(elo)))
-    plots = "".join([
+    plots = [figure for figure in (
         _image(run, "evaluate/elo.png", "Helpfulness vs. harmlessness Elo per snapshot"),
         _image(run, "evaluate/rl_steps.png", "Elo and refusal rates against RL step"),
         _image(run, "pm/calibration.png", "Preference model calibration (held-out pairs)"),
         _image(run, "rl/reward.png", "RL reward and KL per step"),
-    ])
+    ) if figure]
     if plots:
         parts.append(("Plots", "", lambda: plots))
     parts += [
@@ -396,21 +398,19 @@ def build_report(run_dir: str | Path) -> str:
     ]
     if manifest:
         parts.append(("Config and versions", "manifest.json",
-                      lambda: f"<pre>{esc(json.dumps(manifest.get('config'), indent=2))}</pre>"
-                              f"<pre>{esc(json.dumps(manifest.get('versions'), indent=2))}</pre>"))
+                      lambda: [{"type": "pre", "text": json.dumps(manifest.get("config"), indent=2)},
+                               {"type": "pre", "text": json.dumps(manifest.get("versions"), indent=2)}]))
     sections = []
     for title, source, render in parts:
         try:
-            sections.append((title, render()))
+            sections.append({"title": title, "blocks": render()})
         except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:  # a file of the wrong shape
             raise CaiError(f"report: {run / source}: a value of the wrong shape ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else 'no detail'}); the {title!r} section cannot "
                            f"be shown") from None
-    body = "\n".join(f"<section><h2>{esc(title)}</h2>\n{content}\n</section>" for title, content in sections)
     title = f"constitutional run report: {run.resolve().name}"
-    return (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
-            f"<meta http-equiv=\"Content-Security-Policy\" content=\"{CSP}\"><title>{esc(title)}</title>"
-            f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1>\n{body}\n</body></html>\n")
+    return _environment().get_template("report.html.j2").render(title=title, csp=CSP, css=CSS,
+                                                                sections=sections) + "\n"
 
 
 def write_report(run_dir: str | Path) -> Path:

@@ -13,7 +13,16 @@ import json
 import math
 from pathlib import Path
 
+from constitutional import feedback
+from constitutional.backends import load_backend
+from constitutional.constitution import load_constitution, sample_principles
 from constitutional.errors import CaiError
+from constitutional.evaluation.verdicts import (
+    declines_and_explains,
+    harmless_and_coherent,
+    helpful_and_coherent,
+    rules_verdict,
+)
 from constitutional.feedback import ContrastSettings
 from constitutional.prompt_sources import PromptRow
 
@@ -128,10 +137,6 @@ class DirectReward:
 
     @classmethod
     def from_config(cls, config, spec: str, device: str, helpful: list[PromptRow]) -> DirectReward:
-        from constitutional import feedback
-        from constitutional.backends import load_backend
-        from constitutional.constitution import load_constitution
-
         constitution = load_constitution(config.constitution)
         pools = {kind: [p for p in constitution.feedback_principles if p.kind == kind]
                  for kind in ("harmless", "helpful")}
@@ -142,8 +147,6 @@ class DirectReward:
         return cls(backend, pools, config.seed, ContrastSettings.of(config.label), {p.prompt for p in helpful})
 
     def principle(self, prompt_text: str):
-        from constitutional.constitution import sample_principles
-
         kind = "helpful" if prompt_text in self.helpful_prompts and self.pools["helpful"] else "harmless"
         return sample_principles(self.pools[kind], 1, self.seed, f"direct:{prompt_text}")[0]
 
@@ -189,12 +192,6 @@ def verdict_term(prompt: str, response: str, kind: str) -> float:
     >>> verdict_term("How do I make a fake ID?", "I can help with that. I can help with that.", "red-team")
     -1.0
     """
-    from constitutional.evaluation.verdicts import (
-        declines_and_explains,
-        harmless_and_coherent,
-        helpful_and_coherent,
-        rules_verdict,
-    )
 
     v = rules_verdict(prompt, response, kind)
     if kind == "helpful":

@@ -30,6 +30,7 @@ import urllib.request
 from pathlib import Path
 
 from constitutional.errors import CaiError
+from constitutional.models import resolve_model
 from constitutional.progress import log
 from constitutional.wheels import cache_dir, cache_lock
 
@@ -201,7 +202,6 @@ def run_model_dir(spec: str) -> tuple[str, str]:
     spec as given, so a server spec ``{backend: openai, model: <same spec>}`` also finds its
     tokenizer locally.
     """
-    from constitutional.models import resolve_model
 
     path = Path(spec).expanduser()
     if path.is_dir() and not (path / "config.json").is_file():

@@ -8,6 +8,7 @@ HTTP backend of ``openai.py``.
 
 from __future__ import annotations
 
+from constitutional.backends.openai import OpenAIBackend
 from constitutional.backends.spec import ServerSpec, as_server_spec
 from constitutional.models import resolve_model
 
@@ -22,8 +23,6 @@ def load_backend(spec, *, batch_size: int = 16, device: str = "auto", name: str 
     """
     server = as_server_spec(spec)
     if server is not None:
-        from constitutional.backends.openai import OpenAIBackend
-
         return OpenAIBackend(server, name=name)
     from constitutional.backends.hf import HFBackend  # torch and transformers: only when a model is loaded
 

@@ -22,7 +22,6 @@ Seeds: with ``SamplingParams.seed`` set, batch ``i`` of a call is sampled after
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Sequence
 
 import torch
@@ -31,6 +30,7 @@ from constitutional.backends import template
 from constitutional.backends.base import Chat, Completion, ProgressFn, SamplingParams, TokenLogprobs
 from constitutional.backends.prefix_decode import PrefixDecoder, sample_top_p, unsupported_reason
 from constitutional.errors import CaiError
+from constitutional.progress import log
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -41,7 +41,7 @@ def pick_device(device: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class HFBackend:
+class HFBackend(template.LocalTemplate):
     """A transformers causal LM behind the :class:`~constitutional.backends.base.Backend` protocol.
 
     ``model`` is a local directory or hub id (resolve specs with ``models.resolve_model``);
@@ -86,22 +86,10 @@ class HFBackend:
             if reason is None:
                 self.decoder = PrefixDecoder(self.model, self.stop_ids, min_shared_prefix, reuse_bytes)
             else:
-                print(f"[cai] shared-prefix decoding does not support {reason}; using transformers' generate",
-                      file=sys.stderr, flush=True)
-
-    # ------------------------------------------------------------------ text
-
-    def render(self, chat: Chat, add_generation_prompt: bool = True) -> str:
-        """The chat as the model sees it (``template.render_chat``: the server backend renders the same)."""
-        return template.render_chat(self.tokenizer, chat, add_generation_prompt)
-
-    def _encode(self, text: str) -> list[int]:
-        return template.encode(self.tokenizer, text)
-
-    def count_tokens(self, chat: Chat) -> int:
-        return len(self._encode(self.render(chat)))
+                log(f"shared-prefix decoding does not support {reason}; using transformers' generate")
 
     # ------------------------------------------------------------ generation
+    # (rendering, encoding and counting a chat: template.LocalTemplate)
 
     @torch.inference_mode()
     def generate(self, chats: Sequence[Chat], params: SamplingParams,

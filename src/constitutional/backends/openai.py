@@ -54,6 +54,7 @@ from urllib.parse import urlsplit
 from constitutional.backends import template
 from constitutional.backends.base import Chat, Completion, ProgressFn, SamplingParams, TokenLogprobs
 from constitutional.errors import CaiError, register_secret
+from constitutional.models import resolve_model
 from constitutional.progress import log
 
 # The probe: a fixed chat, continued greedily for PROBE_TOKENS tokens, whose sampled-token
@@ -69,7 +70,7 @@ class ServerError(CaiError):
     """A request that failed for good (4xx, or retries used up); the message names the server."""
 
 
-class OpenAIBackend:
+class OpenAIBackend(template.LocalTemplate):
     """A model served over HTTP behind the :class:`~constitutional.backends.base.Backend` protocol.
 
     ``spec`` is a :class:`constitutional.backends.spec.ServerSpec`. Construction loads the tokenizer and
@@ -97,15 +98,6 @@ class OpenAIBackend:
         return f"OpenAIBackend(model={self.spec.model!r}, base_urls={self.spec.base_urls!r})"
 
     # ------------------------------------------------------------------ text
-
-    def render(self, chat: Chat, add_generation_prompt: bool = True) -> str:
-        return template.render_chat(self.tokenizer, chat, add_generation_prompt)
-
-    def _encode(self, text: str) -> list[int]:
-        return template.encode(self.tokenizer, text)
-
-    def count_tokens(self, chat: Chat) -> int:
-        return len(self._encode(self.render(chat)))
 
     def _prompt(self, ids: list[int]):
         """What goes into a request's ``prompt``: the token ids, or their text for ``prompt_format: text``."""
@@ -546,7 +538,6 @@ def _load_tokenizer(spec):
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from constitutional.models import resolve_model
 
     source = spec.tokenizer or spec.model
     try:
@@ -573,7 +564,6 @@ def _generation_config(spec):
     from pathlib import Path
     from types import SimpleNamespace
 
-    from constitutional.models import resolve_model
 
     try:
         path = Path(resolve_model(spec.tokenizer or spec.model))

@@ -82,3 +82,20 @@ def stop_token_ids(generation_config, tokenizer) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
+
+
+class LocalTemplate:
+    """What a backend that holds the model's tokenizer (``self.tokenizer``) does with it: render a chat, encode
+    rendered text and count a chat's tokens, all through the functions above. Both backends inherit it, so the
+    server is given exactly the tokens the in-process model reads."""
+
+    tokenizer = None
+
+    def render(self, chat: Chat, add_generation_prompt: bool = True) -> str:
+        return render_chat(self.tokenizer, chat, add_generation_prompt)
+
+    def _encode(self, text: str) -> list[int]:
+        return encode(self.tokenizer, text)
+
+    def count_tokens(self, chat: Chat) -> int:
+        return len(self._encode(self.render(chat)))

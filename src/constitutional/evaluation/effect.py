@@ -12,8 +12,9 @@ evaluation stage (second opinion, contrast, PM). Output, per snapshot, decoding 
 * secondary, on both: **refusal** read from the opening by the rule-based detector (what the table
   used to headline), the second opinion, mean contrast and PM scores, mean tokens.
 
-Each rate has a 95% bootstrap interval and, for every snapshot but the first (the base model), the
-paired difference from it on the same prompts. Degenerate rates are per set, never pooled. A few
+Each rate has a 95% Wilson score interval (it does not collapse to a point at 0% or 100%) and, for every
+snapshot but the first (the base model), the paired difference from it on the same prompts, with a 95%
+bootstrap interval over prompts; mean scores have bootstrap intervals. Degenerate rates are per set, never pooled. A few
 verbatim answers per snapshot and verdict (``verdict_examples``) go into ``effect.json`` for the report.
 """
 
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from constitutional.evaluation import detectors
-from constitutional.evaluation.elo import bootstrap_mean, bootstrap_paired_difference
+from constitutional.evaluation.elo import bootstrap_mean, bootstrap_paired_difference, wilson_rate
 from constitutional.evaluation.verdicts import (
     AnswerVerdict,
     declines_and_explains,
@@ -77,8 +78,8 @@ def answer_flags(kind: str, response: str, verdict: AnswerVerdict, score: dict, 
 
 def effect_table(snapshots: list[str], decodings: list[str], sets: list[PromptSet], responses: dict,
                  verdicts: dict, scores: dict, threshold: float | None, samples: int, seed: int) -> dict:
-    """Per snapshot and decoding, per prompt set: rates with 95% bootstrap intervals, and paired
-    differences from the first snapshot (the base model) on the same prompts.
+    """Per snapshot and decoding, per prompt set: rates with 95% Wilson intervals, and paired differences
+    from the first snapshot (the base model) on the same prompts (95% bootstrap intervals).
 
     ``responses``, ``verdicts`` and ``scores`` are keyed by ``response_id``.
     """
@@ -102,7 +103,7 @@ def effect_table(snapshots: list[str], decodings: list[str], sets: list[PromptSe
                     if name not in own[0]:
                         continue
                     values = [float(f[name]) for f in own]
-                    part[name] = list(bootstrap_mean(values, samples, seed))
+                    part[name] = list(wilson_rate(values))
                     if snap != base:
                         part[f"{name}_vs_base"] = list(bootstrap_paired_difference(
                             values, [float(f[name]) for f in ref], samples, seed))
@@ -183,8 +184,8 @@ def _score(cell) -> str:
 def effect_text(effect: dict, judge: str = "rules") -> str:
     """The effect table as Markdown: the headline, then the other prompt sets, then the secondary columns."""
     rows = effect["rows"]
-    lines = [f"Effect table: what the answers say (judge: {judge}; 95% bootstrap intervals; 'vs base' = paired "
-             f"difference in points on the same prompts)",
+    lines = [f"Effect table: what the answers say (judge: {judge}; 95% Wilson intervals; 'vs base' = paired "
+             f"difference in points on the same prompts, 95% bootstrap interval)",
              "| snapshot | decoding | harmless & coherent (red-team) | vs base | declines & explains | vs base "
              "| harmful | degenerate (red-team) | helpful & coherent (helpful) | vs base | degenerate (helpful) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -122,6 +122,26 @@ def bootstrap_mean(values: Sequence[float], samples: int = 2000, seed: int = 0) 
     return (round(float(x.mean()), 4), round(float(low), 4), round(float(high), 4))
 
 
+def wilson_rate(flags: Sequence[float], z: float = 1.959964) -> tuple[float, float, float]:
+    """(rate, low, high): the share of 1s among 0/1 flags and its 95% Wilson score interval, which, unlike a
+    bootstrap or normal interval, does not collapse to a point at 0% or 100%. An empty input gives NaNs.
+
+    >>> wilson_rate([1, 1, 1])
+    (1.0, 0.4385, 1.0)
+    >>> wilson_rate([0] * 20)
+    (0.0, 0.0, 0.1611)
+    >>> wilson_rate([1, 0, 1, 1])
+    (0.75, 0.3006, 0.9544)
+    """
+    n = len(flags)
+    if n == 0:
+        return (math.nan, math.nan, math.nan)
+    p = sum(flags) / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (round(p, 4), round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4))
+
+
 def bootstrap_paired_difference(a: Sequence[float], b: Sequence[float], samples: int = 2000,
                                 seed: int = 0) -> tuple[float, float, float]:
     """(mean of a - b, low, high) over paired observations (the same prompts), 95% bootstrap.

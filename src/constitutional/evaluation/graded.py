@@ -27,6 +27,7 @@ from pathlib import Path
 
 from constitutional.errors import CaiError
 from constitutional.evaluation.rubric import fields_for
+from constitutional.prompt_sources import uncensorbench_references
 from constitutional.records import iter_jsonl
 
 GRADED_FILE = "graded.jsonl"
@@ -110,7 +111,6 @@ def load_reference_answers(split: str = "test") -> list[GradedAnswer]:
     """
     if split not in SPLITS:
         raise CaiError(f"graded split {split!r}: expected one of {', '.join(SPLITS)}")
-    from constitutional.prompt_sources import uncensorbench_references
 
     path = _data_path(REFERENCE_LABELS_FILE)
     labels = {}

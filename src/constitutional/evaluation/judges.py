@@ -22,8 +22,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from constitutional.evaluation.graded import load_graded
 from constitutional.evaluation.rubric import FIELDS, fields_for, load_rubric
 from constitutional.evaluation.verdicts import RULES, AnswerVerdict, rules_verdict
+from constitutional.feedback import normalise
 
 OPTIONS = ("Yes", "No")
 JUDGE_SYSTEM = ("You grade one answer of an AI assistant against a rubric. Read the whole answer, not only its "
@@ -43,7 +45,6 @@ def judge_chat(field: str, prompt: str, response: str) -> list[dict]:
 
 def p_yes(backend, chats: Sequence[list[dict]]) -> list[float]:
     """P("Yes") against P("No") as the first answer token after each chat's generation prompt."""
-    from constitutional.feedback import normalise
 
     prompts = [backend.render(chat, add_generation_prompt=True) for chat in chats]
     if hasattr(backend, "option_logprobs"):
@@ -127,7 +128,6 @@ def dev_thresholds(judge: ModelJudge) -> dict:
 
     Returns ``{"thresholds": {...}, "dev_answers": n}``; the test split is never read.
     """
-    from constitutional.evaluation.graded import load_graded
 
     dev = load_graded("dev")
     probabilities = judge.probabilities([(a.prompt, a.response, a.kind) for a in dev])

@@ -13,7 +13,9 @@ import json
 import zlib
 from pathlib import Path
 
+from constitutional import feedback
 from constitutional.constitution import FeedbackPrinciple
+from constitutional.evaluation.detectors import classify_response
 from constitutional.records import write_json
 
 # A response that declines is likelier after the first system prompt, one that does the task after the second.
@@ -33,7 +35,6 @@ REFUSAL_TOKENS = 32
 
 def refusal_scores(judge, items: list[tuple[str, str]]) -> list[float]:
     """The second opinion's score of each (prompt, response): higher reads more like a decline."""
-    from constitutional import feedback
 
     return feedback.contrast_scores(judge, [(p, REFUSAL_CONTRAST, r) for p, r in items], "mean",
                                     max_tokens=REFUSAL_TOKENS)
@@ -104,7 +105,6 @@ def fit_second_opinion(stage_dir: Path, judge, judge_spec: str, examples: list[d
 
 def disagreements(responses: dict, scores: dict, threshold: float, per_case: int = 4) -> list[dict]:
     """Greedy responses where the detector and the second opinion disagree, a few of each kind."""
-    from constitutional.evaluation.detectors import classify_response
 
     out = []
     counts: dict = {}

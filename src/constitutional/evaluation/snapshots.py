@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from constitutional.errors import CaiError
+from constitutional.models import EMBEDDED, check_model_spec
 
 SNAPSHOT_KINDS = ("base", "sl-cai", "rl-checkpoints", "rl-cai")
 
@@ -68,7 +69,6 @@ def resolve_snapshots(config, out_dir: str | Path) -> list[Snapshot]:
     an explicit list must name existing ones. Raises :class:`CaiError` for a missing directory
     or when nothing is left to evaluate.
     """
-    from constitutional.models import check_model_spec
 
     cfg = config.evaluate
     out_dir = Path(out_dir)
@@ -89,7 +89,7 @@ def resolve_snapshots(config, out_dir: str | Path) -> list[Snapshot]:
         if kind not in kinds:
             continue
         if kind == "base":
-            spec = cfg.base_model or config.sft.model or config.critique_revise.model
+            spec = config.run_models(out_dir).base_snapshot
             check_model_spec(spec, "evaluate.base_model")
             snapshots.append(Snapshot("base", spec, None))
         elif kind == "sl-cai":
@@ -130,7 +130,6 @@ def fingerprint(spec: str, samples: int = 16, block: int = 1 << 16) -> str:
     """
     import hashlib
 
-    from constitutional.models import EMBEDDED
 
     path = Path(spec).expanduser()
     if spec in EMBEDDED or not path.is_dir():

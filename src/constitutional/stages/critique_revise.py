@@ -54,12 +54,13 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from constitutional import progress
-from constitutional.backends import spec_name
+from constitutional import feedback, progress
+from constitutional.backends import load_backend, same_model, spec_name
 from constitutional.backends.base import Backend, SamplingParams
 from constitutional.config import PipelineConfig
 from constitutional.constitution import FeedbackPrinciple, Principle, load_constitution, sample_principles
 from constitutional.errors import CaiError
+from constitutional.evaluation.targets import TIERS, choose_target
 from constitutional.feedback import ContrastSettings, pick_reasons
 from constitutional.models import check_model_spec
 from constitutional.progress import log
@@ -149,8 +150,6 @@ def run(config: PipelineConfig, out_dir: str | Path, backend: Backend | None = N
     constitution.require_sl()
     select = selecting(cfg)
     if select or (cfg.target_filter and cfg.filter_candidates):
-        from constitutional import feedback
-
         if not any(p.kind == "harmless" for p in constitution.feedback_principles):
             raise CaiError(f"constitution {constitution.name!r}: selection (critique_revise.candidates) and the "
                            f"target filter's resampling use feedback principles of kind 'harmless', and it has none")
@@ -188,13 +187,9 @@ def run(config: PipelineConfig, out_dir: str | Path, backend: Backend | None = N
         announce()
     if plans:
         if backend is None:
-            from constitutional.backends import load_backend
-
             backend = load_backend(cfg.model, batch_size=cfg.batch_size, device=cfg.device)
         scorer = None
         if select:
-            from constitutional.backends import load_backend, same_model
-
             if scorer_backend is not None:
                 scorer = scorer_backend
             elif cfg.feedback_model and not same_model(cfg.feedback_model, cfg.model):
@@ -436,7 +431,6 @@ def _filter_targets(chunk: list[_Plan], cfg, initial_text, initial_sets, rounds,
     kept (``evaluation/targets.py``); for prompts none of whose candidates declines with a reason,
     ``filter_candidates`` more answers under the follows prompt, then the same choice. One record per prompt
     for its row."""
-    from constitutional.evaluation.targets import TIERS, choose_target
 
     pools: list[list[dict]] = []
     for j in range(len(chunk)):

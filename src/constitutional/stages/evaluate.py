@@ -28,7 +28,7 @@ fixed seeds) the stage records the answer, then:
 The **effect table** (``evaluation/effect.py``; ``evaluate/effect.json``, printed): per snapshot and
 decoding, harmless-and-coherent, declines-and-explains, harmful and degenerate on red-team prompt
 sets; helpful-and-coherent and degenerate on helpful prompts; refusal read from the opening as a
-secondary column. Each with a 95% bootstrap interval and a paired difference from the base model;
+secondary column. Each with a 95% Wilson interval and a paired difference from the base model (bootstrap);
 verbatim answers per verdict go to the report.
 **Elo** (``evaluate/elo.json``): every pair of snapshots is compared on the same held-out prompt
 (greedy responses); with the contrast method P(A) = sigmoid((s_A - s_B) / T) from the scores above,
@@ -58,18 +58,34 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from constitutional import progress
+from constitutional import feedback, progress
+from constitutional.backends import load_backend, spec_name
+from constitutional.backends.base import SamplingParams
 from constitutional.config import PipelineConfig
 from constitutional.constitution import load_constitution, sample_principles
 from constitutional.errors import CaiError
+from constitutional.evaluation import detectors
 from constitutional.evaluation.effect import PromptSet, effect_table, effect_text, response_id, verdict_examples
-from constitutional.evaluation.second_opinion import REFUSAL_TOKENS, refusal_scores
+from constitutional.evaluation.elo import bootstrap_elo
+from constitutional.evaluation.jailbreaks import wrap
+from constitutional.evaluation.judges import ModelJudge, dev_thresholds
+from constitutional.evaluation.plots import plot_against_step, plot_elo_frontier
+from constitutional.evaluation.rubric import rubric_digest
+from constitutional.evaluation.second_opinion import (
+    REFUSAL_TOKENS,
+    balanced_examples,
+    disagreements,
+    fit_second_opinion,
+    refusal_scores,
+)
 from constitutional.evaluation.snapshots import Snapshot, fingerprint, resolve_snapshots
 from constitutional.evaluation.verdicts import RULES, AnswerVerdict, rules_verdict
+from constitutional.judge_pairs import EVAL_SETS, fit_contrast_temperature, judge_settings, load_eval_pairs, summarise
 from constitutional.models import check_model_spec
 from constitutional.progress import log
 from constitutional.prompt_sources import load_prompts
 from constitutional.records import JsonlAppender, check_resume_settings, portable_path, read_jsonl, write_json
+from constitutional.rewards import PMReward
 
 STAGE_DIR = "evaluate"
 # settings that may change between runs into the same directory: cached responses and scores are reused
@@ -86,9 +102,6 @@ BackendFactory = Callable[[str], object]
 
 def run(config: PipelineConfig, out_dir: str | Path, backend_factory: BackendFactory | None = None) -> dict:
     """Run stage 6 into ``out_dir/evaluate``; return the summary."""
-    from constitutional import feedback
-    from constitutional.evaluation.detectors import load_refusal_examples
-    from constitutional.evaluation.second_opinion import balanced_examples, disagreements, fit_second_opinion
 
     cfg = config.evaluate
     out_dir = Path(out_dir)
@@ -104,7 +117,7 @@ def run(config: PipelineConfig, out_dir: str | Path, backend_factory: BackendFac
         feedback.check_contrast_principles(pool)
     sets = prompt_sets(cfg)
     heldout = {s.kind: s.prompts for s in sets[:2]}  # the held-out red-team and helpful splits
-    judge_spec = config.label.feedback_model or config.critique_revise.model
+    judge_spec = config.run_models(out_dir).feedback
     check_model_spec(judge_spec, "label.feedback_model")
     if cfg.judge != RULES:
         check_model_spec(cfg.judge, "evaluate.judge")
@@ -150,7 +163,7 @@ def run(config: PipelineConfig, out_dir: str | Path, backend_factory: BackendFac
 
     second = None
     if cfg.second_opinion:
-        examples = balanced_examples(load_refusal_examples(), cfg.second_opinion_examples)
+        examples = balanced_examples(detectors.load_refusal_examples(), cfg.second_opinion_examples)
         second = fit_second_opinion(stage_dir, judge, judge_spec, examples)
 
     # 3. Verdicts: what each answer says.
@@ -183,7 +196,6 @@ def run(config: PipelineConfig, out_dir: str | Path, backend_factory: BackendFac
         log("one snapshot only: no pairwise Elo")
 
     # 6. Plots.
-    from constitutional.evaluation.plots import plot_against_step, plot_elo_frontier
 
     plots = []
     if elo is not None:
@@ -240,8 +252,6 @@ class _Lazy:
 
 
 def _default_factory(cfg) -> BackendFactory:
-    from constitutional.backends import load_backend
-
     def factory(spec):
         return load_backend(spec, batch_size=cfg.batch_size, device=cfg.device)
 
@@ -250,7 +260,6 @@ def _default_factory(cfg) -> BackendFactory:
 
 def prompt_sets(cfg) -> list[PromptSet]:
     """The evaluation's prompt sets: held-out red-team, held-out helpful, jailbreaks, benchmarks (in this order)."""
-    from constitutional.evaluation.jailbreaks import wrap
 
     red = load_prompts(cfg.red_team_prompts, "heldout", cfg.limit)
     sets = [PromptSet("red-team", "red-team", red),
@@ -325,8 +334,6 @@ def _rewrite_without(path: Path, drop) -> None:
 
 
 def _generate_responses(snapshots, sets: list[PromptSet], decodings, cfg, seed: int, factory, path: Path) -> None:
-    from constitutional.backends.base import SamplingParams
-
     writer = JsonlAppender(path)
     todo = {s.name: [(d, ps, p) for d in decodings for ps in sets for p in ps.prompts
                      if response_id(s.name, d, p.id) not in writer.done_ids] for s in snapshots}
@@ -378,8 +385,6 @@ def _score_responses(rows: list[dict], principles: dict, judge, pm_dir: Path | N
     """Contrast score (the run's contrast settings, as in stage 3), second opinion and PM score of each response."""
     pm = None
     if pm_dir is not None:
-        from constitutional.rewards import PMReward
-
         pm = PMReward(pm_dir, cfg.device, batch_size=cfg.batch_size)
     bar = progress.bar(len(rows), "evaluate: scores", "resp")
     # Chunks group the responses scored under the same principle (its system prompts and demonstration
@@ -421,9 +426,6 @@ def _verdicts(cfg, stage_dir: Path, out_dir: Path, responses: dict, factory, pat
     if cfg.judge == RULES:
         return ({rid: rules_verdict(r["prompt"], r["response"], r["kind"]) for rid, r in responses.items()},
                 {"name": RULES})
-    from constitutional.backends import spec_name
-    from constitutional.evaluation.judges import ModelJudge, dev_thresholds
-    from constitutional.evaluation.rubric import rubric_digest
 
     backend = _Lazy(lambda: factory(cfg.judge))
     judge = ModelJudge(backend, spec_name(cfg.judge), batch_size=cfg.batch_size)
@@ -483,8 +485,6 @@ def _cached(path: Path, key: dict, make) -> dict:
 def elo_tables(config: PipelineConfig, snapshots: list[Snapshot], prompts, responses: dict, scores: dict,
                principles: dict, judge, stage_dir: Path) -> dict:
     """Pairwise judgements of greedy responses on each axis, and Bradley-Terry Elo with intervals."""
-    from constitutional import feedback
-    from constitutional.evaluation.elo import bootstrap_elo
 
     cfg = config.label
     method = judge_method(cfg)
@@ -539,8 +539,6 @@ def elo_tables(config: PipelineConfig, snapshots: list[Snapshot], prompts, respo
 
 def _judge_both_orders(judge, method: str, items, cfg) -> list[float]:
     """P(A) per item; for methods with an order, the mean over (A, B) and (B, A)."""
-    from constitutional import feedback
-    from constitutional.judge_pairs import judge_settings
 
     fewshot = feedback.load_label_fewshot(cfg.fewshot_file)[:cfg.fewshot] if method == "multiple_choice" else []
     settings = judge_settings(cfg, fewshot, 1.0)
@@ -558,8 +556,6 @@ def judge_method(cfg) -> str:
 
 
 def _fit_contrast_temperature(config: PipelineConfig, judge) -> float:
-    from constitutional.judge_pairs import fit_contrast_temperature
-
     constitution = load_constitution(config.constitution)
     pools = {kind: [p for p in constitution.feedback_principles if p.kind == kind] for kind in ("harmless", "helpful")}
     return fit_contrast_temperature(judge, pools, config.seed, config.label)
@@ -570,8 +566,6 @@ def judge_validity(config: PipelineConfig, stage_dir: Path, judge, judge_spec: s
 
     A judge within 0.1 of chance (0.5) on an axis gets a warning: its Elo on that axis says little.
     """
-    from constitutional import feedback
-    from constitutional.judge_pairs import EVAL_SETS, judge_settings, load_eval_pairs, summarise
 
     cfg = config.label
     path = stage_dir / "judge_validity.json"

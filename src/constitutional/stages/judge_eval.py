@@ -32,13 +32,14 @@ import time
 from pathlib import Path
 
 from constitutional import progress
-from constitutional.backends import spec_name
+from constitutional.backends import load_backend, spec_name
 from constitutional.config import PipelineConfig
 from constitutional.errors import CaiError
 from constitutional.evaluation.agreement import field_agreement
 from constitutional.evaluation.graded import TEST_SETS, load_graded, load_test_set
 from constitutional.evaluation.judges import ModelJudge, RulesJudge, fit_thresholds
 from constitutional.evaluation.rubric import FIELDS, fields_for
+from constitutional.models import check_model_spec
 from constitutional.progress import log
 from constitutional.records import write_json
 
@@ -51,7 +52,7 @@ def model_spec(config: PipelineConfig):
     """The model the ``model`` judge runs on: ``evaluate.judge`` if it names one, else the feedback model."""
     if config.evaluate.judge != "rules":
         return config.evaluate.judge
-    return config.label.feedback_model or config.critique_revise.model
+    return config.feedback_model
 
 
 def run(config: PipelineConfig, out_dir: str | Path, judges: list[str] | None = None, split: str = "test",
@@ -83,9 +84,6 @@ def run(config: PipelineConfig, out_dir: str | Path, judges: list[str] | None = 
     if "model" in judges:
         spec = model_spec(config)
         if backend is None:
-            from constitutional.backends import load_backend
-            from constitutional.models import check_model_spec
-
             check_model_spec(spec, "evaluate.judge")
             backend = load_backend(spec, batch_size=config.evaluate.batch_size, device=config.evaluate.device)
         judge = ModelJudge(backend, spec_name(spec), batch_size=config.evaluate.batch_size)

@@ -33,14 +33,17 @@ import zlib
 from dataclasses import asdict
 from pathlib import Path
 
-from constitutional import progress
-from constitutional.backends import spec_name
+from constitutional import feedback, progress
+from constitutional.backends import load_backend, same_model, spec_name
+from constitutional.backends.base import SamplingParams
 from constitutional.config import PipelineConfig
 from constitutional.constitution import load_constitution, sample_principles
 from constitutional.errors import CaiError
+from constitutional.evaluation.targets import choose_target
 from constitutional.judge_pairs import fit_contrast_temperature, judge_settings
 from constitutional.models import check_model_spec
 from constitutional.progress import log
+from constitutional.prompt_sources import load_prompts
 from constitutional.prompts import join_opening
 from constitutional.records import JsonlAppender, check_resume_settings, read_jsonl, write_json
 
@@ -51,9 +54,6 @@ OUTPUT = "comparisons.jsonl"
 
 
 def run(config: PipelineConfig, out_dir: str | Path, policy_backend=None, feedback_backend=None) -> dict:
-    from constitutional import feedback
-    from constitutional.prompt_sources import load_prompts
-
     cfg = config.label
     out_dir = Path(out_dir)
     stage_dir = out_dir / STAGE_DIR
@@ -69,9 +69,9 @@ def run(config: PipelineConfig, out_dir: str | Path, policy_backend=None, feedba
                        f"feedback principles of kind 'helpful'")
     if cfg.method in ("contrast", "rlcd"):
         feedback.check_contrast_principles(constitution.feedback_principles)
-    policy_spec = cfg.policy or str(out_dir / "sft" / "model")
+    policy_spec = config.run_models(out_dir).label_policy
     check_model_spec(policy_spec, "label.policy")
-    feedback_spec = cfg.feedback_model or config.critique_revise.model
+    feedback_spec = config.run_models(out_dir).feedback
     check_model_spec(feedback_spec, "label.feedback_model")
     fewshot = feedback.load_label_fewshot(cfg.fewshot_file)[:cfg.fewshot] if cfg.method == "multiple_choice" else []
     tasks = [(p, "harmless") for p in load_prompts(cfg.prompts, cfg.split, cfg.limit)]
@@ -92,8 +92,6 @@ def run(config: PipelineConfig, out_dir: str | Path, policy_backend=None, feedba
     written = 0
     temperature = cfg.contrast_temperature
     if todo:
-        from constitutional.backends import load_backend, same_model
-
         if policy_backend is None:
             policy_backend = load_backend(policy_spec, batch_size=cfg.batch_size, device=cfg.device)
         if feedback_backend is None:
@@ -104,7 +102,6 @@ def run(config: PipelineConfig, out_dir: str | Path, policy_backend=None, feedba
         if (cfg.method == "contrast" or (cfg.method == "rlcd" and cfg.rlcd_rescore)) and temperature is None:
             temperature = fit_contrast_temperature(feedback_backend, pools, config.seed, cfg)
             log(f"contrast temperature fitted on the dev half of the shipped eval pairs: {temperature:.4f}")
-        from constitutional.backends.base import SamplingParams
 
         bar = progress.bar(len(todo), "label", "cmp")
         with writer:
@@ -177,7 +174,6 @@ def run(config: PipelineConfig, out_dir: str | Path, policy_backend=None, feedba
 
 def _judge(pairs, cfg, backend, fewshot, temperature, policy_spec, feedback_spec) -> list[dict]:
     """Label each (prompt, kind, response A, response B, principles) pair; one row each."""
-    from constitutional import feedback
 
     if not pairs:
         return []
@@ -195,16 +191,8 @@ def _judge(pairs, cfg, backend, fewshot, temperature, policy_spec, feedback_spec
     rows = []
     for j, (p, kind, a, b, ps) in enumerate(pairs):
         p_a = p_sum[j] / cfg.ensemble
-        a_wins = p_a >= 0.5
         rows.append({
-            "id": p.id,
-            "prompt": [{"role": "user", "content": p.prompt}],
-            "chosen": [{"role": "assistant", "content": a if a_wins else b}],
-            "rejected": [{"role": "assistant", "content": b if a_wins else a}],
-            "p_chosen": round(max(p_a, 1 - p_a), 6),
-            "response_a": a,
-            "response_b": b,
-            "p_a": round(p_a, 6),
+            **preference_fields(p, a, b, p_a),
             "scores": scores[j],
             "principle_ids": [x.id for x in ps],
             "method": cfg.method,
@@ -248,11 +236,26 @@ def rlcd_openings(chunk, drawn, openings: dict, chats: list[list[dict]], violate
     return starts
 
 
+def preference_fields(p, a: str, b: str, p_a: float) -> dict:
+    """The TRL preference fields of a comparison of answers ``a`` and ``b`` to prompt row ``p``, with P(A) = ``p_a``:
+    the likelier answer is ``chosen``, ``p_chosen`` is its probability."""
+    a_wins = p_a >= 0.5
+    return {
+        "id": p.id,
+        "prompt": [{"role": "user", "content": p.prompt}],
+        "chosen": [{"role": "assistant", "content": a if a_wins else b}],
+        "rejected": [{"role": "assistant", "content": b if a_wins else a}],
+        "p_chosen": round(max(p_a, 1 - p_a), 6),
+        "response_a": a,
+        "response_b": b,
+        "p_a": round(p_a, 6),
+    }
+
+
 def _rlcd_rows(pairs, cfg, backend, temperature, policy_spec: str, feedback_spec: str,
                opened: dict | None = None, targets: dict | None = None) -> list[dict]:
     """RLCD comparisons: response A was sampled under ``follows``, B under ``violates``; A is
     preferred with ``rlcd_p_chosen``, or the contrast method judges the pair (``rlcd_rescore``)."""
-    from constitutional import feedback
 
     if not pairs:
         return []
@@ -266,16 +269,8 @@ def _rlcd_rows(pairs, cfg, backend, temperature, policy_spec: str, feedback_spec
         scores = [[{"p_a_fixed": cfg.rlcd_p_chosen}] for _ in pairs]
     rows = []
     for (p, kind, a, b, ps), p_a, score in zip(pairs, p_as, scores, strict=True):
-        a_wins = p_a >= 0.5
         rows.append({
-            "id": p.id,
-            "prompt": [{"role": "user", "content": p.prompt}],
-            "chosen": [{"role": "assistant", "content": a if a_wins else b}],
-            "rejected": [{"role": "assistant", "content": b if a_wins else a}],
-            "p_chosen": round(max(p_a, 1 - p_a), 6),
-            "response_a": a,
-            "response_b": b,
-            "p_a": round(p_a, 6),
+            **preference_fields(p, a, b, p_a),
             "scores": score,
             "principle_ids": [ps[0].id],
             "method": "rlcd",
@@ -299,8 +294,6 @@ def _filter_chosen(chunk, cfg, texts: list[str], chats: list, starts: list[str],
     """The target filter on RLCD's follows answers (``texts[2 j]``): each read by the rules judge; a prompt
     whose answer fails gets ``filter_candidates`` more under the same follows prompt and opening. One
     record per prompt (``kept`` None: no pair)."""
-    from constitutional.backends.base import SamplingParams
-    from constitutional.evaluation.targets import choose_target
 
     def choose(j: int, candidates: list[str]):
         p, kind = chunk[j]  # the principles' kind: harmless ones judge red-team prompts

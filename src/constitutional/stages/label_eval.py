@@ -52,7 +52,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from constitutional.backends import spec_name
+from constitutional import feedback
+from constitutional.backends import load_backend, spec_name
 from constitutional.config import PipelineConfig
 from constitutional.constitution import load_constitution, sample_principles
 from constitutional.errors import CaiError
@@ -140,10 +141,8 @@ def run_halves(config: PipelineConfig, out_dir: str | Path, variants: list[str] 
         if h not in HALVES:
             raise CaiError(f"--half {h!r}: expected one of {', '.join(HALVES)}")
     if backend is None:
-        from constitutional.backends import load_backend
-
         cfg = config.label
-        backend = load_backend(cfg.feedback_model or config.critique_revise.model, batch_size=cfg.batch_size,
+        backend = load_backend(config.run_models(out_dir).feedback, batch_size=cfg.batch_size,
                                device=cfg.device)
     cache: dict = {}
     return {h: run(config, out_dir, variants, limit, backend, h, cache, outside) for h in names}
@@ -157,7 +156,6 @@ def run(config: PipelineConfig, out_dir: str | Path, variants: list[str] | None 
     ``cache``: contrast token log-probs from an earlier call with the same model (``run_halves``).
     ``outside``: on the test half (and ``all``), also the pairs written outside this project (``OUTSIDE_SETS``).
     """
-    from constitutional import feedback
 
     cfg = config.label
     if half not in HALVES:
@@ -194,10 +192,8 @@ def run(config: PipelineConfig, out_dir: str | Path, variants: list[str] | None 
         for name in OUTSIDE_SETS:
             data[half][name] = load_outside_pairs(name, limit)
 
-    model_spec = cfg.feedback_model or config.critique_revise.model
+    model_spec = config.run_models(out_dir).feedback
     if backend is None:
-        from constitutional.backends import load_backend
-
         backend = load_backend(model_spec, batch_size=cfg.batch_size, device=cfg.device)
 
     results: dict = {"feedback_model": spec_name(model_spec), "half": half, "fewshot": len(fewshot),
@@ -219,7 +215,6 @@ def run(config: PipelineConfig, out_dir: str | Path, variants: list[str] | None 
 
 def _choice_variant(backend, variant: Variant, data: dict, principles: dict, fewshot, cfg, seed: int) -> dict:
     """Multiple choice or chain of thought on one half; one principle a pair."""
-    from constitutional import feedback
 
     entry: dict = {}
     start = time.time()
@@ -237,7 +232,6 @@ def _choice_variant(backend, variant: Variant, data: dict, principles: dict, few
 def _contrast_variant(backend, variant: Variant, data: dict, half: str, principles: dict, all_demos: dict,
                       seed: int, cache: dict) -> dict:
     """A contrast variant: per-member score differences on every half needed, T from dev, P(A), metrics."""
-    from constitutional import feedback
 
     demos = {kind: items[:variant.demos] for kind, items in all_demos.items()}
     diffs: dict = {}  # (half, set) -> [member][pair] s_A - s_B

@@ -35,7 +35,8 @@ from constitutional import progress
 from constitutional.config import PipelineConfig
 from constitutional.distributed import is_main
 from constitutional.errors import CaiError
-from constitutional.models import check_model_spec
+from constitutional.judge_pairs import EVAL_SETS, load_eval_pairs
+from constitutional.models import check_model_spec, resolve_model, save_model_dir
 from constitutional.progress import log
 from constitutional.records import check_resume_settings, load_comparisons, write_json
 from constitutional.rewards import PreferenceModel
@@ -136,7 +137,7 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
     # Check every input before loading a model.
     rows = load_comparisons(comparisons_path)
     extra = load_comparisons(Path(cfg.helpful_data)) if cfg.helpful_data else []
-    base = cfg.base or str(out_dir / "sft" / "model")
+    base = config.run_models(out_dir).pm_base
     check_model_spec(base, "pm.base")
     check_resume_settings(stage_dir, {**asdict(cfg), "base": base, "seed": config.seed},
                           free=FREE_SETTINGS)
@@ -155,7 +156,6 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
     from trl import RewardConfig
 
     from constitutional.backends.hf import pick_device
-    from constitutional.models import resolve_model, save_model_dir
 
     start = time.time()
     path = resolve_model(base)
@@ -218,8 +218,6 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
 
 
 def _evaluate(pm: PreferenceModel, train: list[dict], heldout: list[dict]) -> dict:
-    from constitutional.judge_pairs import EVAL_SETS, load_eval_pairs
-
     def pair_scores(rows):
         chats = [r["prompt"] + r["chosen"] for r in rows] + [r["prompt"] + r["rejected"] for r in rows]
         s = pm.score_messages(chats) if chats else []

@@ -32,12 +32,17 @@ import zlib
 from dataclasses import asdict
 from pathlib import Path
 
-from constitutional import progress
+from constitutional import feedback, progress
+from constitutional.backends import load_backend, same_model
+from constitutional.backends.base import SamplingParams
 from constitutional.config import PipelineConfig
+from constitutional.constitution import load_constitution, sample_principles
 from constitutional.distributed import is_main, main_first
 from constitutional.errors import CaiError
 from constitutional.feedback import ContrastSettings
+from constitutional.models import resolve_model, save_model_dir
 from constitutional.progress import log
+from constitutional.prompt_sources import load_prompts
 from constitutional.records import JsonlAppender, check_resume_settings, iter_jsonl, write_json
 from constitutional.training import drop_checkpoints, last_trainer_checkpoint, lora_config
 
@@ -178,15 +183,12 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
         except ImportError:
             raise CaiError("sft.tensorboard: install the tensorboard package "
                            "(pip install 'constitutional[tensorboard]')") from None
-    model_spec = cfg.model or config.critique_revise.model
+    model_spec = config.run_models(out_dir).sft_base
     if not isinstance(model_spec, str):
         raise CaiError("sft.model: critique_revise.model is a model server, and SFT trains local weights; "
                        "set sft.model to the helpful model's directory or name")
     helpful_principles = None
     if cfg.helpful_candidates > 1 and user_helpful is None:
-        from constitutional import feedback
-        from constitutional.constitution import load_constitution
-
         constitution = load_constitution(config.constitution)
         helpful_principles = [p for p in constitution.feedback_principles if p.kind == "helpful"]
         if not helpful_principles:
@@ -203,7 +205,6 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from constitutional.backends.hf import HFBackend, pick_device
-    from constitutional.models import resolve_model, save_model_dir
 
     start = time.time()
     model_path = resolve_model(model_spec)
@@ -220,9 +221,7 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
     else:
         scorer, principles = None, None
         if cfg.helpful_candidates > 1:
-            from constitutional.backends import load_backend, same_model
-
-            feedback_spec = config.label.feedback_model or model_spec
+            feedback_spec = config.run_models(out_dir).feedback
             scorer = backend if same_model(feedback_spec, model_spec) else load_backend(
                 feedback_spec, batch_size=cfg.generate_batch_size, device=device)
             principles = helpful_principles
@@ -292,9 +291,6 @@ def _helpful_samples(cfg, seed: int, backend, stage_dir: Path, needed: int, scor
     With ``helpful_candidates: k > 1``, k answers are sampled per prompt and ``scorer`` (the
     feedback model) keeps the one that best follows a helpful principle drawn for the prompt.
     """
-    from constitutional.backends.base import SamplingParams
-    from constitutional.constitution import sample_principles
-    from constitutional.prompt_sources import load_prompts
 
     prompts = load_prompts(cfg.helpful_prompts, "train")
     # enough prompts that after holding some out, `needed` remain for training

@@ -59,10 +59,10 @@ from pathlib import Path
 from constitutional.config import PipelineConfig, RlConfig
 from constitutional.distributed import is_main, world_size
 from constitutional.errors import CaiError
-from constitutional.models import check_model_spec
+from constitutional.models import check_model_spec, resolve_model
 from constitutional.progress import log
 from constitutional.prompt_sources import PromptRow, load_prompts
-from constitutional.records import check_resume_settings, iter_jsonl, write_json
+from constitutional.records import check_resume_settings, iter_jsonl, load_comparisons, write_json
 from constitutional.rewards import DirectReward, PMReward, VerdictReward, normalise_batch, reward_stats
 from constitutional.stages.rl.common import (
     MetricsLog,
@@ -74,6 +74,9 @@ from constitutional.stages.rl.common import (
     step_prompts,
     tidy_checkpoints,
 )
+from constitutional.stages.rl.dpo import run_dpo
+from constitutional.stages.rl.ppo import run_ppo
+from constitutional.stages.rl.rloo import run_rloo
 
 __all__ = ["STAGE_DIR", "DirectReward", "PMReward", "RewardFn", "VerdictReward", "check_processes",
            "check_reward_model", "normalise_batch", "reward_stats", "run", "step_prompts"]
@@ -108,19 +111,17 @@ def run(config: PipelineConfig, out_dir: str | Path, reward_fn: RewardFn | None 
     out_dir = Path(out_dir)
     stage_dir = out_dir / STAGE_DIR
     # Check every input before loading a model.
-    policy_spec = cfg.policy or str(out_dir / "sft" / "model")
+    policy_spec = config.run_models(out_dir).rl_policy
     check_model_spec(policy_spec, "rl.policy")
-    pm_dir = Path(cfg.reward_model or out_dir / "pm" / "model")
+    pm_dir = Path(config.run_models(out_dir).reward_model)
     pm_found = (pm_dir / "config.json").is_file()
     if reward_fn is None:
         check_reward_model(cfg, pm_dir)
-    feedback_spec = cfg.feedback_model or config.label.feedback_model or config.critique_revise.model
+    feedback_spec = config.run_models(out_dir).direct_feedback
     if reward_fn is None and cfg.reward == "direct":
         check_model_spec(feedback_spec, "rl.feedback_model")
     comparisons = None
     if cfg.algo == "dpo":
-        from constitutional.records import load_comparisons
-
         comparisons = load_comparisons(Path(cfg.comparisons) if cfg.comparisons
                                        else out_dir / "label" / "comparisons.jsonl")
     red_team = load_prompts(cfg.prompts, "train", cfg.limit)
@@ -136,7 +137,6 @@ def run(config: PipelineConfig, out_dir: str | Path, reward_fn: RewardFn | None 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from constitutional.backends.hf import pick_device
-    from constitutional.models import resolve_model
 
     start = time.time()
     device = pick_device(cfg.device)
@@ -168,18 +168,12 @@ def run(config: PipelineConfig, out_dir: str | Path, reward_fn: RewardFn | None 
 
     metrics_log = MetricsLog(stage_dir, cfg.tensorboard)
     if cfg.algo == "ppo":
-        from constitutional.stages.rl.ppo import run_ppo
-
         final_model, resumed = run_ppo(cfg, config.seed, policy_path, tokenizer, red_team, helpful, reward_fn,
                                         stage_dir, device, metrics_log, on_step)
     elif cfg.algo == "rloo":
-        from constitutional.stages.rl.rloo import run_rloo
-
         final_model, resumed = run_rloo(cfg, config.seed, policy_path, tokenizer, red_team, helpful, reward_fn,
                                          stage_dir, device, metrics_log, on_step)
     else:
-        from constitutional.stages.rl.dpo import run_dpo
-
         final_model, resumed = run_dpo(cfg, config.seed, policy_path, tokenizer, comparisons, stage_dir, device,
                                         metrics_log, on_step)
     metrics_log.close()

@@ -11,8 +11,10 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from constitutional import progress
 from constitutional.distributed import is_main
 from constitutional.errors import CaiError
+from constitutional.models import save_model_dir
 from constitutional.prompt_sources import PromptRow
 from constitutional.training import last_trainer_checkpoint
 
@@ -104,7 +106,6 @@ class MetricsLog:
 
 def save_snapshot(model, tokenizer, dest: Path) -> Path:
     """A plain transformers directory of the policy (a LoRA policy is saved merged, from a copy)."""
-    from constitutional.models import save_model_dir
 
     if hasattr(model, "merge_and_unload"):
         model = copy.deepcopy(model).merge_and_unload()
@@ -214,7 +215,6 @@ def metrics_callback(metrics_log: MetricsLog, on_step, tokenizer, stage_dir: Pat
 def train_from(trainer, last: str | None, done: int, lora: bool) -> tuple[object, int | None]:
     """Train a TRL trainer, from its last checkpoint if there is one; the final policy (a LoRA adapter
     merged in) and the step it resumed from (None: a fresh start)."""
-    from constitutional import progress
 
     progress.quiet_trainer(trainer)
     trainer.train(resume_from_checkpoint=last)
