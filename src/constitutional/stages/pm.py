@@ -40,7 +40,7 @@ from constitutional.models import check_model_spec, resolve_model, save_model_di
 from constitutional.progress import log
 from constitutional.records import check_resume_settings, load_comparisons, write_json
 from constitutional.rewards import PreferenceModel
-from constitutional.training import drop_checkpoints, last_trainer_checkpoint, lora_config
+from constitutional.training import drop_checkpoints, last_trainer_checkpoint, lora_config, trainer_defaults
 
 STAGE_DIR = "pm"
 # settings that may change between runs into the same directory: the stage takes up where it stopped
@@ -172,9 +172,8 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
         output_dir=str(stage_dir / "checkpoints"), num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps if cfg.max_steps is not None else -1, learning_rate=cfg.learning_rate,
         lr_scheduler_type="cosine", warmup_steps=0.1, per_device_train_batch_size=cfg.batch_size,
-        max_length=cfg.max_length, logging_steps=1, save_steps=cfg.save_steps, save_total_limit=cfg.keep_checkpoints,
-        report_to="none", use_cpu=device == "cpu", bf16=False, fp16=False, seed=config.seed,
-        dataloader_num_workers=0, center_rewards_coefficient=None, gradient_checkpointing=False, disable_tqdm=True,
+        max_length=cfg.max_length, save_steps=cfg.save_steps, save_total_limit=cfg.keep_checkpoints,
+        center_rewards_coefficient=None, **trainer_defaults(device, config.seed),
     )
     peft_config = None
     if cfg.lora:

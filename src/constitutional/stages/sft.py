@@ -44,7 +44,7 @@ from constitutional.models import resolve_model, save_model_dir
 from constitutional.progress import log
 from constitutional.prompt_sources import load_prompts
 from constitutional.records import JsonlAppender, check_resume_settings, iter_jsonl, write_json
-from constitutional.training import drop_checkpoints, last_trainer_checkpoint, lora_config
+from constitutional.training import drop_checkpoints, last_trainer_checkpoint, lora_config, trainer_defaults
 
 STAGE_DIR = "sft"
 # settings that may change between runs into the same directory: the stage takes up where it stopped
@@ -355,17 +355,9 @@ def _trainer(cfg, seed: int, model, tokenizer, rows: list[dict], stage_dir: Path
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         max_length=cfg.max_length,
         completion_only_loss=True,
-        logging_steps=1,
         save_steps=cfg.save_steps,
         save_total_limit=cfg.keep_checkpoints,
-        gradient_checkpointing=False,  # a small model fits without it, and recomputing costs a third more time
-        report_to="none",  # TensorBoard, when asked for, is added below with our own log dir
-        use_cpu=device == "cpu",
-        bf16=False,
-        fp16=False,
-        seed=seed,
-        disable_tqdm=True,  # progress.trainer_bar shows the steps instead
-        dataloader_num_workers=0,
+        **trainer_defaults(device, seed),  # TensorBoard, when asked for, is added below with our own log dir
     )
     callbacks = [progress.trainer_bar("sft: training"), *callbacks]
     if cfg.tensorboard:

@@ -18,7 +18,7 @@ from constitutional.stages.rl.common import (
     train_from,
     trainer_resume_point,
 )
-from constitutional.training import lora_config
+from constitutional.training import lora_config, trainer_defaults
 
 
 def run_dpo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, comparisons: list[dict], stage_dir: Path,
@@ -44,9 +44,8 @@ def run_dpo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, comparisons: 
         lr_scheduler_type="constant", warmup_steps=0, per_device_train_batch_size=micro,
         gradient_accumulation_steps=cfg.prompts_per_step // micro,
         beta=cfg.dpo_beta, **dpo_losses(cfg.dpo_loss, cfg.dpo_sft_weight),
-        max_grad_norm=cfg.max_grad_norm, logging_steps=1, save_steps=cfg.save_steps, save_total_limit=1,
-        report_to="none", use_cpu=device == "cpu", bf16=False, fp16=False, seed=seed, dataloader_num_workers=0,
-        gradient_checkpointing=False, max_length=1024, disable_tqdm=True,
+        max_grad_norm=cfg.max_grad_norm, save_steps=cfg.save_steps, save_total_limit=1, max_length=1024,
+        **trainer_defaults(device, seed),
         # the reference log-probabilities of every pair computed once, before training, by the policy itself
         # (it is the reference then): no second model in memory and no reference pass in each step
         precompute_ref_log_probs=True, precompute_ref_batch_size=max(micro, 4),

@@ -17,7 +17,7 @@ from constitutional.stages.rl.common import (
     train_from,
     trainer_resume_point,
 )
-from constitutional.training import lora_config
+from constitutional.training import lora_config, trainer_defaults
 
 
 def run_rloo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, red_team, helpful, reward_fn: RewardFn,
@@ -50,9 +50,8 @@ def run_rloo(cfg: RlConfig, seed: int, policy_path: str, tokenizer, red_team, he
         per_device_train_batch_size=cfg.prompts_per_step * cfg.rloo_generations,
         num_generations=cfg.rloo_generations, max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature,
         top_p=cfg.top_p, beta=cfg.kl_coef, epsilon=cfg.clip_range, max_grad_norm=cfg.max_grad_norm,
-        shuffle_dataset=False, disable_dropout=True, logging_steps=1, save_steps=cfg.save_steps,
-        save_total_limit=1, report_to="none", use_cpu=device == "cpu", bf16=False, fp16=False, seed=seed,
-        dataloader_num_workers=0, log_completions=False, gradient_checkpointing=False, disable_tqdm=True,
+        shuffle_dataset=False, disable_dropout=True, save_steps=cfg.save_steps, save_total_limit=1,
+        log_completions=False, **trainer_defaults(device, seed),
         generation_kwargs={"min_new_tokens": cfg.min_new_tokens} if cfg.min_new_tokens else None,
     )
     model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
