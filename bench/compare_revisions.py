@@ -4,11 +4,12 @@ every row, metric and the report's text.
     .venv/bin/python bench/compare_revisions.py BEFORE [AFTER]      # AFTER: the working tree
 
 Each revision is checked out into a temporary git worktree (the working tree for AFTER if it is not given)
-and runs ``cai run`` with the tiny random Llama of the tests and the test suite's tiny settings (the paper's
-loop: contrast labels, a PM and PPO, so every stage runs), in float32 on the CPU, into its own run
-directory. Then every ``.json`` and ``.jsonl`` file of the two runs is compared value by value, with wall
-times, rates of tokens per second, absolute paths and version strings left out, and so is the visible text
-of ``report.html``. Prints each difference (file, row, key: before -> after) and exits 1 if there is any.
+and runs ``cai run configs/smollm2-cpu.yaml`` with the tiny random Llama of the tests and the test suite's
+tiny settings (the paper's loop: contrast labels, a PM and PPO, so every stage runs), in float32 on the
+CPU, into its own run directory. Then every ``.json`` and ``.jsonl`` file of the two runs is compared
+value by value, with wall times, rates of tokens per second, absolute paths and version strings left out,
+and so is the visible text of ``report.html``. Prints each difference (file, row, key: before -> after)
+and exits 1 if there is any.
 Takes about two minutes on 2 CPU cores.
 """
 
@@ -33,7 +34,8 @@ VOLATILE = re.compile(r"seconds|per_second|_time$|^time|started|finished|elapsed
 
 
 def run(source: Path, model: Path, out: Path) -> None:
-    cmd = [sys.executable, "-m", "constitutional.cli", "run", "--out", str(out), *tiny_overrides(model)]
+    cmd = [sys.executable, "-m", "constitutional.cli", "run", "configs/smollm2-cpu.yaml", "--out", str(out),
+           *tiny_overrides(model)]
     env = {**os.environ, "PYTHONPATH": str(source / "src"), "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(cmd, cwd=source, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -45,8 +47,8 @@ def normalise(value, run_dir: str):
         return {k: normalise(v, run_dir) for k, v in value.items() if not VOLATILE.search(k)}
     if isinstance(value, list):
         return [normalise(v, run_dir) for v in value]
-    if isinstance(value, str):
-        return value.replace(run_dir, "<run>")
+    if isinstance(value, str):  # the run directory and the source tree a run came from
+        return re.sub(r"\S*/tree-\d/", "<src>/", value.replace(run_dir, "<run>"))
     return value
 
 
@@ -69,9 +71,11 @@ def differences(a, b, where: str) -> list[str]:
 
 
 def visible_text(page: str) -> str:
+    """The page's text, less wall times and tokens per second (the stages table)."""
     page = re.sub(r"<style>.*?</style>", "", page, flags=re.S)
     page = re.sub(r"<img [^>]*>", "[image]", page)
-    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", page)).split())
+    text = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", page)).split())
+    return re.sub(r"tokens_per_second: [\d.]+|\b(done|failed) \d+ s\b", "", text)
 
 
 def main() -> int:

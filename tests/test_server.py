@@ -109,8 +109,11 @@ def _same_shape(a, b, where="row") -> None:
         assert type(a) is type(b), f"{where}: {type(a).__name__} vs {type(b).__name__}"
 
 
+# Stage 1 with the paper's loop only (no extra follows candidates and no target filter, which the demo config
+# adds and which score through the same server calls as tested here): the server tests stay a few minutes.
 SMALL_STAGE_1 = ["--set", "critique_revise.limit=2", "--set", "critique_revise.rounds=1",
-                 "--set", "critique_revise.max_new_tokens=32", "--set", "critique_revise.critique_max_new_tokens=24"]
+                 "--set", "critique_revise.max_new_tokens=32", "--set", "critique_revise.critique_max_new_tokens=24",
+                 "--set", "critique_revise.follows_candidates=0", "--set", "critique_revise.target_filter=false"]
 
 
 def test_critique_revise_through_vllm_writes_rows_like_in_process(vllm, tmp_path):
@@ -129,7 +132,7 @@ def test_critique_revise_through_vllm_writes_rows_like_in_process(vllm, tmp_path
 
 def test_label_through_vllm_writes_rows_like_in_process(vllm, tmp_path):
     small = ["--set", "label.limit=2", "--set", "label.max_new_tokens=16", "--set", "label.method=contrast",
-             "--set", "label.target_filter=false"]
+             "--set", "label.target_filter=false", "--set", "label.helpful_limit=2"]
     assert main(["label", "--config", CONFIG, "--out", str(tmp_path / "hf"), *small,
                  "--set", f"label.policy={NAME}"]) == 0
     assert main(["label", "--config", CONFIG, "--out", str(tmp_path / "vllm"), *small,
@@ -198,7 +201,8 @@ def test_stage_survives_the_server_being_killed_and_restarted(vllm, tmp_path):
     cmd = [sys.executable, "-m", "constitutional.cli", "critique-revise", "--config", CONFIG, "--out", str(out),
            "--set", "critique_revise.limit=6", "--set", "critique_revise.batch_size=2",
            "--set", "critique_revise.rounds=1", "--set", "critique_revise.max_new_tokens=24",
-           "--set", "critique_revise.critique_max_new_tokens=16",
+           "--set", "critique_revise.critique_max_new_tokens=16", "--set", "critique_revise.follows_candidates=0",
+           "--set", "critique_revise.target_filter=false",
            "--set", f"critique_revise.model={vllm.spec(retries=9, backoff=1)}"]
     stage = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
