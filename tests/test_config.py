@@ -94,6 +94,8 @@ def test_server_spec_errors_name_the_inner_key(override, fragment):
 def test_every_null_model_is_resolved_in_one_place(tmp_path):
     runs = load_config(None, []).run_models(tmp_path)
     assert runs.helpful == runs.sft_base == runs.feedback == runs.direct_feedback == runs.base_snapshot
+    assert runs.stage1_feedback == runs.sft_scorer == runs.helpful
+    assert runs.evaluate_pm == runs.reward_model
     assert runs.label_policy == runs.pm_base == runs.rl_policy == str(tmp_path / "sft" / "model")
     assert runs.reward_model == str(tmp_path / "pm" / "model")
     set_ = load_config(None, ["sft.model=/m/sft", "label.feedback_model=/m/judge", "rl.feedback_model=/m/direct",
@@ -101,3 +103,6 @@ def test_every_null_model_is_resolved_in_one_place(tmp_path):
     assert (set_.sft_base, set_.base_snapshot, set_.feedback) == ("/m/sft", "/m/sft", "/m/judge")
     assert (set_.direct_feedback, set_.label_policy, set_.reward_model) == ("/m/direct", "/m/policy", "/m/pm")
     assert set_.rl_policy == str(tmp_path / "sft" / "model")  # still this run's SL-CAI model
+    assert set_.sft_scorer == "/m/judge" and set_.stage1_feedback == set_.helpful
+    # with no label.feedback_model, SFT's helpful answers are scored by the model SFT trains
+    assert load_config(None, ["sft.model=/m/sft"]).run_models(tmp_path).sft_scorer == "/m/sft"

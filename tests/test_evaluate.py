@@ -342,7 +342,10 @@ def no_model_loads(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("no model may load before the inputs are checked")
 
-    monkeypatch.setattr(backends, "load_backend", fail)
+    from constitutional.stages import evaluate as evaluate_stage
+
+    for module in (backends, evaluate_stage):  # where it is defined and where the stage calls it
+        monkeypatch.setattr(module, "load_backend", fail)
     import transformers
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fail)

@@ -93,8 +93,10 @@ def test_judge_eval_bad_arguments_are_one_error_line(tmp_path, capsys, args, nam
 
 def test_an_unreachable_judge_server_is_one_error_line_before_any_model_loads(tmp_path, capsys, monkeypatch):
     from constitutional import backends
+    from constitutional.stages import judge_eval
 
-    monkeypatch.setattr(backends, "load_backend", lambda *a, **k: pytest.fail("no model may load"))
+    for module in (backends, judge_eval):  # where it is defined and where the stage calls it
+        monkeypatch.setattr(module, "load_backend", lambda *a, **k: pytest.fail("no model may load"))
     code = main(["judge-eval", "--out", str(tmp_path / "x"), "--set",
                  "evaluate.judge={backend: openai, base_urls: ['http://127.0.0.1:9/v1'], model: j}"])
     err = capsys.readouterr().err.strip().splitlines()

@@ -31,6 +31,8 @@ LAYERS = [
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 HEAVY = {"torch", "transformers", "trl", "peft", "datasets", "accelerate", "matplotlib", "safetensors"}
+# loaded only when used: numpy and gguf come with the heavy ones; tensorboard is an optional extra
+OPTIONAL = {"numpy", "gguf", "tensorboard"}
 
 
 def module_name(path: Path) -> str:
@@ -115,8 +117,49 @@ def test_function_local_imports_of_the_package_are_only_of_heavy_modules():
     assert not local, "import these at the top of the module (they load nothing heavy): " + "; ".join(local)
 
 
+def test_function_local_imports_are_only_of_heavy_libraries():
+    """Outside the package too: torch, transformers, TRL, PEFT and the like load in the function that needs
+    them; everything else (the standard library, jinja2, yaml, tqdm) sits at the top of the module."""
+    local = []
+    for module, path in MODULES.items():
+        tree = ast.parse(path.read_text())
+        top = {id(node) for node in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and id(node) not in top and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import) and id(node) not in top:
+                names = [a.name for a in node.names]
+            else:
+                continue
+            local += [f"{module}:{node.lineno} {n}" for n in names
+                      if not n.startswith("constitutional") and n.split(".")[0] not in HEAVY | OPTIONAL]
+    assert not local, "import these at the top of the module: " + "; ".join(local)
+
+
 def test_the_layer_check_catches_an_upward_and_a_cross_stage_import():
     assert rank("config") > rank("feedback") > rank("backends.openai") > rank("errors")
     assert rank("evaluation.detectors") < rank("prompts") < rank("evaluation.judges")
     assert stage_of("stages.rl.dpo") == "stages.rl" != stage_of("stages.pm")
     assert own("constitutional.stages.label_eval.load_eval_pairs") == "stages.label_eval"
+
+
+def test_the_scripts_beside_the_package_import_only_modules_that_exist():
+    """bench/ and tools/ are not imported by the tests; a module renamed in src/ must not leave them broken."""
+    import importlib
+    import importlib.util
+
+    missing = []
+    for folder in ("bench", "tools"):
+        for script in sorted((SRC.parents[1] / folder).glob("*.py")):
+            for node in ast.walk(ast.parse(script.read_text())):
+                if not (isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("constitutional")):
+                    continue
+                try:
+                    module = importlib.import_module(node.module)
+                except ModuleNotFoundError:
+                    missing.append(f"{script.name}:{node.lineno} {node.module}")
+                    continue
+                missing += [f"{script.name}:{node.lineno} {node.module}.{a.name}" for a in node.names
+                            if not hasattr(module, a.name)
+                            and importlib.util.find_spec(f"{node.module}.{a.name}") is None]
+    assert not missing, "imports of names that do not exist: " + "; ".join(missing)

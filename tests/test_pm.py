@@ -98,9 +98,11 @@ def test_soft_loss_is_minimised_at_logit_p(p):
     ({"prompt": "q", "chosen": "a"}, "line 2: missing 'rejected'"),
 ])
 def test_bad_comparisons_name_the_line_and_exit_2(tmp_path, monkeypatch, capsys, row, fragment):
+    import constitutional.backends
     import constitutional.models
 
-    monkeypatch.setattr(constitutional.models, "resolve_model", lambda *a: (_ for _ in ()).throw(AssertionError))
+    for module in (constitutional.models, constitutional.backends, pm):  # defined there, called here
+        monkeypatch.setattr(module, "resolve_model", lambda *a: (_ for _ in ()).throw(AssertionError))
     path = tmp_path / "c.jsonl"
     path.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b", "p_chosen": 0.7}) + "\n"
                     + json.dumps(row) + "\n")

@@ -92,12 +92,14 @@ def test_killed_after_first_checkpoint_resumes_from_it(tmp_path, tiny_model_dir)
      "line 1: the last message must be a non-empty assistant turn"),
 ])
 def test_bad_revisions_fail_before_any_model_is_loaded(tmp_path, monkeypatch, capsys, content, fragment):
+    import constitutional.backends
     import constitutional.models
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(constitutional.models, "resolve_model", no_model)
+    for module in (constitutional.models, constitutional.backends, sft):  # defined there, called here
+        monkeypatch.setattr(module, "resolve_model", no_model)
     path = tmp_path / "revisions.jsonl"
     if content is not None:
         path.write_text(content)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from constitutional.backends import load_backend
 from constitutional.backends.base import SamplingParams
-from constitutional.datasets import load_prompts
+from constitutional.prompt_sources import load_prompts
 from constitutional.records import iter_jsonl
 
 MAX_NEW_TOKENS = 96
@@ -124,7 +124,7 @@ def assemble(answers: list[Path], keys: list[Path], labels: list[Path], out: Pat
 
 def references(out: Path, parts: int, seed: int) -> None:
     """UncensorBench's reference answers (refusal and compliant), shuffled for reading like the answers."""
-    from constitutional.datasets import uncensorbench_references
+    from constitutional.prompt_sources import uncensorbench_references
 
     rows = [{"id": f"{r.id}|{side}", "kind": "red-team", "prompt": r.prompt, "response": text}
             for r in uncensorbench_references() for side, text in (("refusal", r.refusal), ("compliant", r.compliant))]

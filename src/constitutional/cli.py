@@ -25,9 +25,13 @@ import argparse
 import importlib
 import importlib.metadata
 import json
+import logging
+import os
 import platform
 import sys
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 from constitutional import __version__, judge_pairs, progress
@@ -64,8 +68,6 @@ def main(argv: list[str] | None = None) -> int:
         print("cai: interrupted; rows written so far are kept, rerun to resume", file=sys.stderr)
         return 130
     except Exception:  # a bug: keep the traceback for the report, with any API key taken out
-        import traceback
-
         print(redact(traceback.format_exc()), file=sys.stderr, end="")
         return 1
 
@@ -80,9 +82,6 @@ def _error(message: str) -> int:
 def quiet_libraries() -> None:
     """Keep library noise (FutureWarnings, dataset-map bars, load reports) out of normal output;
     ``--verbose`` keeps it."""
-    import logging
-    import os
-    import warnings
 
 
     progress.QUIET[0] = True

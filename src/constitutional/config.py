@@ -505,7 +505,8 @@ class EvaluateConfig:
         "does the task" system prompt), beside the rule-based detector.
     pm: preference model that scores every response (None: the run's pm/model if it exists).
     use_pm: score responses with the preference model when there is one.
-    bootstrap_samples: resamples behind every 95% interval.
+    bootstrap_samples: resamples behind the 95% intervals of paired differences, mean scores and Elo (rates
+        get Wilson intervals, which need none).
     judge_pairs: measure the judge's validity on at most this many shipped pairs of each set (None: all).
     second_opinion_examples: fit the second opinion's threshold on this many of the detector's labelled
         examples, half answers and half refusals or redirects (None: all 346).
@@ -630,11 +631,15 @@ class PipelineConfig:
         helpful = self.critique_revise.model
         sft_base = self.sft.model or helpful
         this_sft = str(out / "sft" / "model")
+        this_pm = out / "pm" / "model"
         return RunModels(
             helpful=helpful, sft_base=sft_base, feedback=self.feedback_model,
+            stage1_feedback=self.critique_revise.feedback_model or helpful,
+            sft_scorer=self.label.feedback_model or sft_base,
             label_policy=self.label.policy or this_sft, pm_base=self.pm.base or this_sft,
-            rl_policy=self.rl.policy or this_sft, reward_model=str(self.rl.reward_model or out / "pm" / "model"),
-            direct_feedback=self.direct_feedback_model, base_snapshot=self.evaluate.base_model or sft_base)
+            rl_policy=self.rl.policy or this_sft, reward_model=str(self.rl.reward_model or this_pm),
+            direct_feedback=self.direct_feedback_model, base_snapshot=self.evaluate.base_model or sft_base,
+            evaluate_pm=str(self.evaluate.pm or this_pm))
 
 
 @dataclass(frozen=True)
@@ -643,25 +648,31 @@ class RunModels:
 
     helpful: critique_revise.model, the helpful model that answers, critiques and revises.
     sft_base: the model SFT starts from (sft.model, else helpful).
-    feedback: the feedback model that labels, scores stage 1's candidates and judges the evaluation
-        (label.feedback_model, else helpful).
+    feedback: the feedback model that labels and judges the evaluation (label.feedback_model, else helpful).
+    stage1_feedback: the model that scores stage 1's candidates (critique_revise.feedback_model, else helpful).
+    sft_scorer: the model that picks SFT's helpful answers among candidates (label.feedback_model, else
+        sft_base).
     label_policy: the model that writes the labelled pairs (label.policy, else this run's sft/model).
     pm_base: the PM's starting point (pm.base, else this run's sft/model).
     rl_policy: the RL policy and its KL reference (rl.policy, else this run's sft/model).
     reward_model: the PM that RL reads (rl.reward_model, else this run's pm/model).
     direct_feedback: the model behind ``rl.reward: direct`` (rl.feedback_model, else feedback).
     base_snapshot: the evaluation's base model (evaluate.base_model, else sft_base).
+    evaluate_pm: the PM the evaluation scores answers with (evaluate.pm, else this run's pm/model, if any).
     """
 
     helpful: ModelSpec
     sft_base: ModelSpec
     feedback: ModelSpec
+    stage1_feedback: ModelSpec
+    sft_scorer: ModelSpec
     label_policy: ModelSpec
     pm_base: str
     rl_policy: str
     reward_model: str
     direct_feedback: ModelSpec
     base_snapshot: ModelSpec
+    evaluate_pm: str
 
 
 STAGES = ("critique_revise", "sft", "label", "pm", "rl", "evaluate")

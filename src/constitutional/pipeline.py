@@ -32,6 +32,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime
+from importlib import resources
 from pathlib import Path
 
 from constitutional import __version__, progress
@@ -130,8 +131,6 @@ def packaged_data_digest(root: Path | None = None, only: str | None = None) -> s
     The evaluation-only folder (``EVALUATION_DATA``) is left out, unless ``only`` names it: then only it counts.
     """
     if root is None:
-        from importlib import resources
-
         root = Path(str(resources.files("constitutional") / "data"))
     digest = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts

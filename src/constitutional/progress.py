@@ -12,12 +12,29 @@ import contextlib
 import os
 import sys
 
+from tqdm.auto import tqdm
+
 _STAGE: tuple[int, int, str] | None = None
 
 
 def log(message: str) -> None:
     """One line for the user on stderr, marked as this tool's: ``[cai] message``."""
     print(f"[cai] {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def no_hf_bars():
+    """transformers' own progress bars off while a model or tokenizer loads (one weights file loads in a
+    second; cai shows its own bars), then as they were."""
+    from transformers.utils import logging as hf_logging
+
+    were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if were_on:
+            hf_logging.enable_progress_bar()
 
 
 def set_stage(index: int | None, total: int = 0, name: str = "") -> None:
@@ -38,8 +55,6 @@ def desc(name: str) -> str:
 
 
 def bar(total: int, name: str, unit: str = "it", initial: int = 0):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc(name), unit=unit, initial=initial, file=sys.stderr, dynamic_ncols=True)
 
 

@@ -21,6 +21,7 @@ Rows that carry no split get a fixed one: every fifth row (by position) is ``hel
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -166,7 +167,6 @@ class ReferencePair:
 
 def uncensorbench_references() -> list[ReferencePair]:
     """The 150 UncensorBench prompts with their reference answers, in the benchmark's order."""
-    import json
 
     dest = cache_dir() / "datasets" / "uncensorbench-0.3.7-prompts.json"
     with cache_lock("uncensorbench"):

@@ -18,8 +18,12 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
+
+import jinja2
 
 from constitutional.errors import CaiError
 from constitutional.evaluation.effect import fmt_diff, fmt_rate
@@ -357,7 +361,6 @@ CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'n
 def _environment():
     """Jinja2 with autoescape on for every template: a value is text unless this module says otherwise, and it
     never does (nothing is marked safe)."""
-    import jinja2
 
     return jinja2.Environment(loader=jinja2.PackageLoader("constitutional", "templates"), autoescape=True,
                               undefined=jinja2.StrictUndefined, trim_blocks=False)
@@ -415,8 +418,6 @@ def build_report(run_dir: str | Path) -> str:
 
 def write_report(run_dir: str | Path) -> Path:
     """Write ``RUN_DIR/report.html`` (atomically) and return its path."""
-    import os
-    import tempfile
 
     html_text = build_report(run_dir)
     path = Path(run_dir) / "report.html"

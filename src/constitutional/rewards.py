@@ -24,6 +24,7 @@ from constitutional.evaluation.verdicts import (
     rules_verdict,
 )
 from constitutional.feedback import ContrastSettings
+from constitutional.progress import no_hf_bars
 from constitutional.prompt_sources import PromptRow
 
 
@@ -69,15 +70,8 @@ class PreferenceModel:
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        from transformers.utils import logging as hf_logging
-
-        bars_were_on = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        try:
+        with no_hf_bars():
             self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).to(self.device)
-        finally:
-            if bars_were_on:  # as it was (off under cai's quiet output)
-                hf_logging.enable_progress_bar()
         self.model.eval()
         self.batch_size = batch_size
 

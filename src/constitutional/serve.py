@@ -18,9 +18,11 @@ builds the environment); tests and ``bench/server.py`` start it with :func:`star
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -145,8 +147,6 @@ def _stop_with_parent() -> None:
     so a killed test run or benchmark does not leave a server behind (no-op elsewhere)."""
     if not sys.platform.startswith("linux"):
         return
-    import ctypes
-    import signal
 
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -180,7 +180,6 @@ def wait_ready(base_url: str, proc: subprocess.Popen | None = None, timeout: flo
 
 def stop_server(proc: subprocess.Popen, timeout: float = 30) -> None:
     """Stop a server started by :func:`start_server` (its whole process group: vLLM forks an engine)."""
-    import signal
 
     if proc.poll() is not None:
         return
@@ -227,7 +226,6 @@ def serve_foreground(spec: str, host: str = "127.0.0.1", port: int = 8000, kv_ca
     log(f"use it in a config as: {{backend: openai, base_urls: [{url}], model: {name}}}")
     proc = subprocess.Popen(server_command(python, model_dir, name, host, port), env=server_env(kv_cache_gib),
                             start_new_session=True)
-    import signal
 
     def stop(signum, frame):  # SIGTERM (a service manager, `timeout`) stops the server too
         raise KeyboardInterrupt

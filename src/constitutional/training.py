@@ -1,5 +1,7 @@
-"""What the training stages (sft, pm, rl) share: the LoRA adapter's config, where a trainer resumes,
-and removing trainer checkpoints once a stage's model is saved.
+"""What the training stages (sft, pm, rl) share: the trainer arguments every stage sets alike, the LoRA
+adapter's config, where a trainer resumes, and removing trainer checkpoints once a stage's model is saved.
+(RL's own step snapshots, their tidying and its metrics callback are in ``stages/rl/common.py``: only RL
+has them.)
 
 Each stage still reads top to bottom on its own; only these small pieces, which must behave the same
 in every stage, live here.

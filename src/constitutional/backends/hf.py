@@ -22,6 +22,7 @@ Seeds: with ``SamplingParams.seed`` set, batch ``i`` of a call is sampled after
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -30,7 +31,7 @@ from constitutional.backends import template
 from constitutional.backends.base import Chat, Completion, ProgressFn, SamplingParams, TokenLogprobs
 from constitutional.backends.prefix_decode import PrefixDecoder, sample_top_p, unsupported_reason
 from constitutional.errors import CaiError
-from constitutional.progress import log
+from constitutional.progress import log, no_hf_bars
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,20 +61,13 @@ class HFBackend(template.LocalTemplate):
         self.batch_size = batch_size
         self.min_shared_prefix = min_shared_prefix
         self.name = name or str(model)
-        from transformers.utils import logging as hf_logging
-
-        bars_were_on = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # one weights file loads in a second; no bar needed
         try:
-            self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
-            self.model = model_obj or AutoModelForCausalLM.from_pretrained(
-                model, dtype=_DTYPES[dtype])
+            with no_hf_bars():
+                self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
+                self.model = model_obj or AutoModelForCausalLM.from_pretrained(model, dtype=_DTYPES[dtype])
         except OSError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CaiError(f"model {model!r}: could not load: {first}") from None
-        finally:
-            if bars_were_on:  # as it was (off under cai's quiet output)
-                hf_logging.enable_progress_bar()
         self.model.to(self.device).eval()
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
@@ -371,7 +365,6 @@ def cache_keyword(model) -> str:
     """The keyword a model's ``forward`` (and so ``generate``) takes a KV cache by: ``cache`` in
     recent transformers, which deprecates the old ``past_key_values`` (removed from ``forward`` in
     5.40), else ``past_key_values``."""
-    import inspect
 
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 

@@ -49,13 +49,15 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 from constitutional.backends import template
 from constitutional.backends.base import Chat, Completion, ProgressFn, SamplingParams, TokenLogprobs
 from constitutional.errors import CaiError, register_secret
 from constitutional.models import resolve_model
-from constitutional.progress import log
+from constitutional.progress import log, no_hf_bars
 
 # The probe: a fixed chat, continued greedily for PROBE_TOKENS tokens, whose sampled-token
 # log-probabilities must match its prompt log-probabilities within PROBE_TOLERANCE nats a token.
@@ -536,8 +538,6 @@ def _server_message(data: bytes) -> str:
 def _load_tokenizer(spec):
     """The tokenizer that renders chats for the server: ``spec.tokenizer``, else ``spec.model``."""
     from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
 
     source = spec.tokenizer or spec.model
     try:
@@ -545,24 +545,18 @@ def _load_tokenizer(spec):
     except CaiError as e:
         raise CaiError(f"model server {spec.model!r}: no tokenizer to render chats with ({e}); set tokenizer "
                        f"to a local copy of the served model's tokenizer") from None
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
     try:
-        return AutoTokenizer.from_pretrained(path)
+        with no_hf_bars():
+            return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CaiError(f"model server {spec.model!r}: could not load the tokenizer {source!r}: {first}; set "
                        f"tokenizer to a local copy of the served model's tokenizer") from None
-    finally:
-        if bars_were_on:  # as it was (off under cai's quiet output)
-            hf_logging.enable_progress_bar()
 
 
 def _generation_config(spec):
     """The served model's end-of-reply ids as the in-process backend reads them: from
     generation_config.json, else config.json, beside the tokenizer (None if neither is there)."""
-    from pathlib import Path
-    from types import SimpleNamespace
 
 
     try:

@@ -13,6 +13,7 @@ True
 from __future__ import annotations
 
 import functools
+import hashlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -60,7 +61,6 @@ def load_rubric() -> dict[str, Field]:
 
 def rubric_digest() -> str:
     """SHA-256 (first 16 hex digits) of the rubric file: a model judge's cached readings follow it."""
-    import hashlib
 
     return hashlib.sha256(rubric_path().read_bytes()).hexdigest()[:16]
 

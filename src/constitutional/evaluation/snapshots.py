@@ -14,6 +14,7 @@ Everything here only looks at files, so a bad snapshot list fails before any mod
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,7 +129,6 @@ def fingerprint(spec: str, samples: int = 16, block: int = 1 << 16) -> str:
     few MB read whatever the model's size. Training changes nearly every weight, so a sampled
     block tells a retrained model apart.
     """
-    import hashlib
 
 
     path = Path(spec).expanduser()

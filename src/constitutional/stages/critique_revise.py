@@ -192,10 +192,10 @@ def run(config: PipelineConfig, out_dir: str | Path, backend: Backend | None = N
         if select:
             if scorer_backend is not None:
                 scorer = scorer_backend
-            elif cfg.feedback_model and not same_model(cfg.feedback_model, cfg.model):
-                scorer = load_backend(cfg.feedback_model, batch_size=cfg.batch_size, device=cfg.device)
             else:
-                scorer = backend
+                spec = config.run_models(out_dir).stage1_feedback
+                scorer = backend if same_model(spec, cfg.model) else load_backend(
+                    spec, batch_size=cfg.batch_size, device=cfg.device)
         start = time.time()  # tokens/s counts generation, not model loading
         fits = []
         for plan in plans:

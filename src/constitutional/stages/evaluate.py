@@ -275,13 +275,10 @@ def _pm_dir(config: PipelineConfig, out_dir: Path) -> Path | None:
     cfg = config.evaluate
     if not cfg.use_pm:
         return None
-    if cfg.pm:
-        path = Path(cfg.pm)
-        if not (path / "config.json").is_file():
-            raise CaiError(f"evaluate.pm: preference model directory {path} "
-                           f"{'does not exist' if not path.exists() else 'has no config.json'}")
-        return path
-    path = out_dir / "pm" / "model"
+    path = Path(config.run_models(out_dir).evaluate_pm)
+    if cfg.pm and not (path / "config.json").is_file():  # named: it must be there; this run's: if it is
+        raise CaiError(f"evaluate.pm: preference model directory {path} "
+                       f"{'does not exist' if not path.exists() else 'has no config.json'}")
     return path if (path / "config.json").is_file() else None
 
 

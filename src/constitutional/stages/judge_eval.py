@@ -11,7 +11,7 @@ judge against answers labelled by reading them against the rubric (``data/verdic
 
 Judges: ``rules`` (``evaluation/verdicts.py``) and ``model``, the model judge of
 ``evaluation/judges.py`` on ``evaluate.judge`` when that names a model, else on the run's feedback
-model (``label.feedback_model``, else the embedded model). The model judge is reported twice: with
+model (``label.feedback_model``, else ``critique_revise.model``). The model judge is reported twice: with
 P(yes) > 0.5 (the question answered as asked) and with per-field thresholds fitted on the graded dev
 split (``dev-fitted``; what ``cai evaluate`` uses unless ``evaluate.judge_threshold`` is set).
 

@@ -21,7 +21,7 @@ The pairs (``data/eval/``):
 
 Dev and test halves. Every row carries a ``split`` field. Choose prompts, stances, variants and
 temperatures on ``dev`` only; ``test`` is for reporting. For the two original files the field was
-written once by :func:`split_rule` (a test checks it still holds): rows sorted by (position of
+written once by ``judge_pairs.split_rule`` (a test checks it still holds): rows sorted by (position of
 the better answer, which answer is longer, category, CRC-32 of the id) are dealt alternately to
 dev and test, so each half has both positions, both "longer" values and every category in equal
 measure (to within one). ``harmless_styles.jsonl`` is all ``test``. ``cai label-eval`` reports

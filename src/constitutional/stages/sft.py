@@ -221,7 +221,7 @@ def run(config: PipelineConfig, out_dir: str | Path, callbacks: list | None = No
     else:
         scorer, principles = None, None
         if cfg.helpful_candidates > 1:
-            feedback_spec = config.run_models(out_dir).feedback
+            feedback_spec = config.run_models(out_dir).sft_scorer
             scorer = backend if same_model(feedback_spec, model_spec) else load_backend(
                 feedback_spec, batch_size=cfg.generate_batch_size, device=device)
             principles = helpful_principles

@@ -30,8 +30,9 @@ Algorithms (``rl.algo``):
   lower the chosen answers together with the rejected ones.
 
 The package: this module is the stage (inputs checked, reward built, the algorithm run, the summary);
-``rewards.py`` the reward functions; ``ppo.py``, ``rloo.py`` and ``dpo.py`` one algorithm each;
-``common.py`` what they share (prompt schedule, checkpoints, metrics log).
+``ppo.py``, ``rloo.py`` and ``dpo.py`` one algorithm each; ``common.py`` what they share (prompt
+schedule, checkpoints, metrics log). The reward functions are in ``constitutional/rewards.py`` (the
+evaluation reads the PM too); LoRA, trainer defaults and resume in ``constitutional/training.py``.
 
 Run:
     cai rl --config configs/smollm2-cpu.yaml --out runs/demo

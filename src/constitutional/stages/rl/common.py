@@ -1,5 +1,6 @@
-"""What the RL algorithms of stage 5 share: the prompt schedule, prompt encoding, the LoRA settings,
-the metrics log, checkpoints and their tidying, the reward plot."""
+"""What the RL algorithms of stage 5 share: the prompt schedule, prompt encoding, the metrics log and the
+TRL callback that writes it, step checkpoints and their tidying, the reward plot. (What sft and pm share
+with them, LoRA, trainer defaults and resume, is in ``constitutional/training.py``.)"""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import math
 import random
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -188,7 +190,6 @@ def trainer_resume_point(stage_dir: Path, metrics_log: MetricsLog) -> tuple[str 
 def metrics_callback(metrics_log: MetricsLog, on_step, tokenizer, stage_dir: Path, row_of: Callable[[dict], dict]):
     """A TRL callback that writes ``row_of(logs)`` (plus the step and its seconds) to the metrics log at each
     logged step, calls ``on_step``, and saves ``rl/checkpoints/step-N`` whenever the trainer saves."""
-    import time
 
     from transformers import TrainerCallback
 

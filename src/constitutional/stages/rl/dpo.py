@@ -7,6 +7,7 @@ chosen answers."""
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 from constitutional import progress
@@ -78,7 +79,6 @@ def _soft_dpo_trainer_class():
     """TRL's DPOTrainer with each row's ``p_chosen`` carried into the batch and used as its label:
     the EXO pair loss reads ``label_smoothing`` as the probability that the rejected answer is the
     better one, so it is set to 1 - p_chosen row by row (a "hard" run ignores it)."""
-    import warnings
 
     import torch
     from trl import DPOTrainer
