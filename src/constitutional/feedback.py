@@ -548,7 +548,9 @@ def pick_reasons(backend, chats: Sequence[list[dict]], openings: Sequence[str], 
         for context in (chat, neutral):
             head = backend.render(context, add_generation_prompt=True) + head_text.rstrip(" ")
             pairs += [(head, space + reason) for reason in reasons]
-    scored = [t.total for t in shared_head_logprobs(backend, pairs)]
+    unique = list(dict.fromkeys(pairs))  # the neutral head (and a repeated chat) is read once, not per answer
+    totals = dict(zip(unique, (t.total for t in shared_head_logprobs(backend, unique)), strict=True))
+    scored = [totals[pair] for pair in pairs]
     out = list(openings)
     n = len(reasons)
     for k, i in enumerate(todo):
