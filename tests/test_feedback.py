@@ -299,3 +299,25 @@ def test_pick_reasons_fills_each_slot_with_the_reason_the_request_makes_likelier
     assert feedback.pick_reasons(ReasonFake(), chats[2:], ["No."], []) == ["No."]  # no slot, no reasons needed
     with pytest.raises(CaiError, match="lists no reasons"):
         feedback.pick_reasons(ReasonFake(), chats[:1], ["No, because {reason}."], [])
+
+
+def test_pick_reasons_reads_the_request_not_the_system_prompt_and_reuses_its_cache():
+    class Counting(ReasonFake):
+        def __init__(self):
+            self.read = []
+
+        def logprobs(self, pairs):
+            self.read += [head for head, _ in pairs]
+            return super().logprobs(pairs)
+
+    reasons = ["a generic reason", "it invades privacy", "it is a crime"]
+    chats = [[{"role": "system", "content": system}, {"role": "user", "content": "break my neighbours privacy"},
+              {"role": "assistant", "content": "No, because {reason}."}] for system in ("Be safe.", "Be kind.")]
+    backend, cache = Counting(), {}
+    filled = feedback.pick_reasons(backend, chats, ["No, because {reason}."] * 2, reasons, cache)
+    assert filled == ["No, because it invades privacy."] * 2
+    assert not any("Be safe" in head or "Be kind" in head for head in backend.read)
+    assert len(backend.read) == 2 * len(reasons)  # one request head and the neutral one, each reason once
+    again = [[{"role": "user", "content": "break my neighbours privacy"}]]
+    assert feedback.pick_reasons(backend, again, ["No, because {reason}."], reasons, cache) == filled[:1]
+    assert len(backend.read) == 2 * len(reasons)  # all from the cache

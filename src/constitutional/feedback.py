@@ -526,31 +526,36 @@ def reason_pmi(on_request: Sequence[float], on_neutral: Sequence[float]) -> int:
     return max(range(len(gains)), key=gains.__getitem__)
 
 
-def pick_reasons(backend, chats: Sequence[list[dict]], openings: Sequence[str], reasons: Sequence[str]) -> list[str]:
+def pick_reasons(backend, chats: Sequence[list[dict]], openings: Sequence[str], reasons: Sequence[str],
+                 cache: dict | None = None) -> list[str]:
     """Fill the ``{reason}`` slot of each opening with the constitution's reason that the model finds most
     relevant to that chat's request (``reason_pmi``); an opening without a slot is returned as it is.
 
     ``chats[i]`` is the conversation up to the answer; a trailing assistant turn is the opening itself,
     not read, and its text is filled in place. The reason is scored where the opening puts it: after the
-    chat and the opening's text before the slot.
+    conversation without its system prompt (the pick depends on the request, not on the principle that
+    shapes the answer) and the opening's text before the slot. ``cache`` (a dict the caller keeps) holds
+    the scores across calls, so a request asked again with the same opening is not read again.
     """
     todo = [i for i, o in enumerate(openings) if REASON_SLOT in o]
     if not todo:
         return list(openings)
     if not reasons:
         raise CaiError("an opening has a {reason} slot but the constitution lists no reasons")
+    cache = {} if cache is None else cache
     pairs = []
     for i in todo:
-        chat = list(chats[i][:-1] if chats[i] and chats[i][-1]["role"] == "assistant" else chats[i])
+        chat = chats[i][:-1] if chats[i] and chats[i][-1]["role"] == "assistant" else chats[i]
+        chat = [m for m in chat if m["role"] != "system"]
         head_text = openings[i].split(REASON_SLOT, 1)[0]
         space = " " if head_text.endswith(" ") else ""
-        neutral = [m for m in chat if m["role"] == "system"] + [{"role": "user", "content": NEUTRAL_REQUEST}]
-        for context in (chat, neutral):
+        for context in (chat, [{"role": "user", "content": NEUTRAL_REQUEST}]):
             head = backend.render(context, add_generation_prompt=True) + head_text.rstrip(" ")
             pairs += [(head, space + reason) for reason in reasons]
-    unique = list(dict.fromkeys(pairs))  # the neutral head (and a repeated chat) is read once, not per answer
-    totals = dict(zip(unique, (t.total for t in shared_head_logprobs(backend, unique)), strict=True))
-    scored = [totals[pair] for pair in pairs]
+    unique = [pair for pair in dict.fromkeys(pairs) if pair not in cache]  # each (head, reason) read once
+    if unique:
+        cache.update(zip(unique, (t.total for t in shared_head_logprobs(backend, unique)), strict=True))
+    scored = [cache[pair] for pair in pairs]
     out = list(openings)
     n = len(reasons)
     for k, i in enumerate(todo):

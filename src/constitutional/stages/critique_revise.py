@@ -282,6 +282,7 @@ def _revise_chunk(chunk: list[_Plan], cfg, seed: int, backend: Backend, on_batch
     select = scorer is not None
     contrast = contrast or ContrastSettings()
     openings = openings or {}
+    reason_scores: dict = {}  # pick_reasons' scores, shared by the chunk's calls of follows_answers
 
     def params(budget: int, step: str) -> SamplingParams:
         return SamplingParams(max_new_tokens=budget, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -307,7 +308,7 @@ def _revise_chunk(chunk: list[_Plan], cfg, seed: int, backend: Backend, on_batch
                     chat.append({"role": "assistant", "content": start})
                 chats.append(chat)
                 starts.append(start)
-        starts = pick_reasons(scorer if scorer is not None else backend, chats, starts, reasons)
+        starts = pick_reasons(scorer if scorer is not None else backend, chats, starts, reasons, reason_scores)
         done = backend.generate(chats, params(cfg.max_new_tokens, step), on_batch)
         out = [join_opening(start, clean_generation(c.text) if not start else c.text)
                for start, c in zip(starts, done, strict=True)]
